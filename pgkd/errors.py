@@ -1,0 +1,31 @@
+"""Named errors. Each carries a one-line message that says what was expected,
+what was found and, where there is one, the fix. The CLI prints ``str(err)``
+and exits non-zero; workers turn them into dead-letter reasons."""
+
+
+class PGKDError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(PGKDError):
+    """A setting is missing, unknown or invalid."""
+
+
+class DataError(PGKDError):
+    """Input data is unusable: missing file or column, unseen labels, empty texts."""
+
+
+class ModelError(PGKDError):
+    """A model cannot be built, loaded or saved."""
+
+
+class ModelIntegrityError(ModelError):
+    """A stored model's files do not match the checksums in its manifest."""
+
+
+class TeacherError(PGKDError):
+    """The teacher failed after its retries, or answered with unusable output."""
+
+
+class BudgetExhausted(TeacherError):
+    """The teacher spend budget is used up; calls stop until it is raised."""

@@ -1,0 +1,111 @@
+"""One frozen settings object, read from the environment once at the entry point
+and passed down explicitly. Every variable has the prefix ``PGKD_`` (for example
+``PGKD_KAFKA_BOOTSTRAP``); ``docs/CONFIG.md`` lists them all.
+
+An unknown ``PGKD_*`` variable or an invalid value stops start-up with a
+message that names it (:func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pgkd.errors import ConfigError
+
+ENV_PREFIX = "PGKD_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # --- infrastructure -------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    kafka_sasl_mechanism: str = Field("", description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when SASL is used")
+    kafka_sasl_username: str = Field("", description="SASL user name")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (never logged)")
+    kafka_ssl_cafile: str = Field("", description="CA bundle for SSL/SASL_SSL")
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis URL; may carry a password (rediss:// for TLS), so it is never logged",
+    )
+    metrics_host: str = Field("127.0.0.1", description="bind address of each worker's /metrics endpoint")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="port of /metrics (0 = pick a free one)")
+    web_port: int = Field(6066, ge=0, le=65535, description="Faust web port of a worker")
+
+    # --- topics ---------------------------------------------------------------
+    topic_texts_in: str = "texts.in"
+    topic_labels_out: str = "labels.out"
+    topic_teacher_requests: str = "teacher.requests"
+    topic_teacher_labels: str = "teacher.labels"
+    topic_dlq: str = "texts.dlq"
+    topic_retrain_requests: str = "retrain.requests"
+    topic_model_updates: str = "model.updates"
+    topic_partitions: int = Field(4, ge=1, description="partitions of every topic the app creates")
+    topic_replication: int = Field(1, ge=1, description="replication factor of every topic the app creates")
+
+    # --- student --------------------------------------------------------------
+    model_store: Path = Field(Path("models"), description="directory of stored model versions")
+    student_model: str = Field("", description="encoder name or path for a new student ('' = offline MiniLM-L6)")
+    max_length: int = Field(64, ge=8, le=4096, description="tokenizer truncation length")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0 = torch's default)")
+
+    # --- classifier agent -----------------------------------------------------
+    batch_size: int = Field(64, ge=1, description="texts per inference batch (stream.take n)")
+    batch_within_s: float = Field(0.05, gt=0, description="max seconds to wait while filling a batch")
+    low_conf_threshold: float = Field(0.5, ge=0, le=1, description="max probability below this -> teacher")
+    margin_threshold: float = Field(0.0, ge=0, le=1, description="top1 - top2 below this -> teacher (0 = off)")
+    top_k: int = Field(3, ge=1, description="labels carried in each output's top_k")
+    max_text_chars: int = Field(5000, ge=1, description="longer texts go to the DLQ")
+
+    # --- teacher --------------------------------------------------------------
+    teacher_base_url: str = Field("http://127.0.0.1:8089/v1", description="OpenAI-compatible endpoint")
+    teacher_model: str = Field("teacher-sim", description="model name sent to the endpoint")
+    teacher_api_key: SecretStr = Field(SecretStr(""), description="API key (never logged); falls back to OPENAI_API_KEY")
+    teacher_timeout_s: float = Field(30.0, gt=0)
+    teacher_max_retries: int = Field(4, ge=0, description="retries after the first try (429, 5xx, timeout, bad JSON)")
+    teacher_concurrency: int = Field(4, ge=1, description="requests in flight at once")
+    teacher_rpm: int = Field(600, ge=1, description="requests per minute")
+    teacher_tpm: int = Field(200_000, ge=1, description="tokens per minute")
+    teacher_batch_size: int = Field(16, ge=1, description="texts per label request")
+    teacher_budget_usd: float = Field(10.0, ge=0, description="spend limit; calls stop when reached")
+    teacher_price_prompt_per_mtok: float = Field(3.0, ge=0, description="USD per 1M prompt tokens")
+    teacher_price_completion_per_mtok: float = Field(15.0, ge=0, description="USD per 1M completion tokens")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.kafka_security_protocol not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
+            raise ValueError(
+                f"kafka_security_protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, "
+                f"got {self.kafka_security_protocol!r}"
+            )
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_mechanism:
+            raise ValueError("kafka_sasl_mechanism is required when kafka_security_protocol uses SASL")
+        return self
+
+    def teacher_key(self) -> str:
+        """The teacher API key: PGKD_TEACHER_API_KEY, else OPENAI_API_KEY, else a
+        placeholder that local servers (the simulator, vLLM, Ollama) accept."""
+        return self.teacher_api_key.get_secret_value() or os.environ.get("OPENAI_API_KEY", "") or "not-needed"
+
+
+def load_settings(**overrides) -> Settings:
+    """Read settings from the environment (plus explicit overrides).
+
+    Raises :class:`ConfigError` naming the variable when one is unknown or invalid.
+    """
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]}; known settings are listed in docs/CONFIG.md")
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        name = ENV_PREFIX + field.upper() if first["loc"] else field
+        raise ConfigError(f"invalid setting {name}: {first['msg']}") from None
