@@ -218,15 +218,18 @@ def paper_splits(
     """The paper's protocol: ``n_seed`` stratified labelled samples split
     80/20 into train/val; everything else in ``data`` is the unlabelled pool.
 
-    The test set is either passed in (``test``, e.g. the dataset's own test
-    file) or carved from ``data`` first (``n_test`` stratified samples); give
-    exactly one of them.
+    The test set is the given ``test`` (e.g. the dataset's own test file), cut
+    to a stratified ``n_test`` samples when ``n_test`` is smaller; without
+    ``test``, ``n_test`` stratified samples are carved from ``data`` first.
     """
-    if (test is None) == (n_test is None):
-        raise ValueError("paper_splits needs exactly one of test (a separate test set) or n_test (carved from data)")
+    if test is None and n_test is None:
+        raise ValueError("paper_splits needs a test set (test=...) or a test size to carve from data (n_test=...)")
     rng = np.random.default_rng(seed)
     remaining = data
-    if test is None:
+    if test is not None:
+        if n_test is not None and n_test < len(test):
+            test = test.subset(_stratified_take(test.labels, n_test, rng)[0])
+    else:
         if not 0 < n_test < len(data):
             raise DataError(f"n_test={n_test} must be between 1 and {len(data) - 1} (the data has {len(data)} samples)")
         test_idx, rest_idx = _stratified_take(data.labels, n_test, rng)

@@ -159,6 +159,9 @@ def test_paper_splits_with_a_separate_test_set():
     assert set().union(*parts) == set(data.texts)
     assert sum(map(len, parts)) == len(data)  # disjoint
     assert paper_splits(data, n_seed=40, seed=0, test=test) == s
+    # n_test with a given test set: a stratified subsample of it
+    small = paper_splits(data, n_seed=40, seed=0, test=balanced(10), n_test=8).test
+    assert Counter(small.labels) == {"a": 2, "b": 2, "c": 2, "d": 2}
 
 
 def test_paper_splits_carves_a_test_set():
@@ -172,7 +175,7 @@ def test_paper_splits_carves_a_test_set():
 
 def test_paper_splits_rejects_bad_sizes():
     data = balanced(5)
-    with pytest.raises(ValueError, match="exactly one of test"):
+    with pytest.raises(ValueError, match="needs a test set"):
         paper_splits(data, n_seed=8)
     with pytest.raises(DataError, match=r"^n_seed=100 must be between 2 and 16 "):
         paper_splits(data, n_seed=100, n_test=4)
