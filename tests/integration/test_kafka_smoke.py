@@ -1,0 +1,129 @@
+"""The broker really stores, delivers and remembers: at-least-once consumption
+with manual commits resumes exactly where the committed offsets say."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+pytestmark = pytest.mark.integration
+
+N_MESSAGES = 1000
+N_FIRST_RUN = 400  # processed and committed before the first consumer stops
+N_KEYS = 37
+
+
+async def produce(bootstrap: str, topic: str) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        key_serializer=str.encode,
+        value_serializer=lambda v: json.dumps(v).encode(),
+    )
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, key=f"k{i % N_KEYS}", value={"i": i}) for i in range(N_MESSAGES)]
+        await producer.flush()
+        # every send was acknowledged (a failed one raises here)
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def consumer(bootstrap: str, topic: str, group: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        value_deserializer=json.loads,
+        key_deserializer=bytes.decode,
+    )
+
+
+async def consume(bootstrap: str, topic: str, group: str, limit: int, commit: bool) -> list[tuple]:
+    """Process messages one by one until ``limit``; commit the offsets of exactly
+    those (never of what was fetched but not processed); stop the consumer."""
+    seen: list[tuple] = []
+    next_offsets: dict[TopicPartition, int] = {}
+    c = consumer(bootstrap, topic, group)
+    await c.start()
+    try:
+        async with asyncio.timeout(30):
+            while len(seen) < limit:
+                batches = await c.getmany(timeout_ms=500, max_records=50)
+                for tp, records in batches.items():
+                    for r in records:
+                        if len(seen) == limit:
+                            break
+                        seen.append((r.value["i"], r.key, r.partition, r.offset))
+                        next_offsets[tp] = r.offset + 1
+        if commit:
+            await c.commit(next_offsets)
+    finally:
+        await c.stop()
+    return seen
+
+
+async def drain(bootstrap: str, topic: str, group: str, quiet_ms: int = 1500) -> list[tuple]:
+    """Everything the group still has to read (stops after ``quiet_ms`` without a message)."""
+    seen: list[tuple] = []
+    c = consumer(bootstrap, topic, group)
+    await c.start()
+    try:
+        async with asyncio.timeout(30):
+            # wait for the assignment, then read until the topic stays quiet
+            while not c.assignment():
+                await asyncio.sleep(0.05)
+            while batches := await c.getmany(timeout_ms=quiet_ms):
+                for records in batches.values():
+                    seen.extend((r.value["i"], r.key, r.partition, r.offset) for r in records)
+    finally:
+        await c.stop()
+    return seen
+
+
+async def committed_total(bootstrap: str, topic: str, group: str, partitions: int = 4) -> int:
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await c.start()
+    try:
+        return sum([(await c.committed(TopicPartition(topic, p))) or 0 for p in range(partitions)])
+    finally:
+        await c.stop()
+
+
+def test_manual_commit_resume_loses_and_repeats_nothing(kafka_bootstrap, kafka_topic, unique_topic):
+    topic = kafka_topic("orders", partitions=4)
+    group = unique_topic("group")
+    asyncio.run(produce(kafka_bootstrap, topic))
+
+    first = asyncio.run(consume(kafka_bootstrap, topic, group, N_FIRST_RUN, commit=True))
+    assert asyncio.run(committed_total(kafka_bootstrap, topic, group)) == N_FIRST_RUN
+
+    # a restarted consumer in the same group resumes at the committed offsets
+    second = asyncio.run(consume(kafka_bootstrap, topic, group, N_MESSAGES - N_FIRST_RUN, commit=True))
+    leftover = asyncio.run(drain(kafka_bootstrap, topic, group))
+
+    first_ids = [m[0] for m in first]
+    second_ids = [m[0] for m in second]
+    assert len(first_ids) == N_FIRST_RUN and len(set(first_ids)) == N_FIRST_RUN
+    assert not set(first_ids) & set(second_ids), "messages repeated after the restart"
+    assert sorted(first_ids + second_ids) == list(range(N_MESSAGES)), "messages lost"
+    assert leftover == [], f"{len(leftover)} messages delivered again after everything was committed"
+    assert asyncio.run(committed_total(kafka_bootstrap, topic, group)) == N_MESSAGES
+
+    # one key -> one partition, and a key's messages arrive in the order sent
+    everything = first + second
+    partitions_of_key: dict[str, set[int]] = {}
+    for _, key, partition, _ in everything:
+        partitions_of_key.setdefault(key, set()).add(partition)
+    assert all(len(p) == 1 for p in partitions_of_key.values())
+    assert len({p for ps in partitions_of_key.values() for p in ps}) == 4, "keys should spread over 4 partitions"
+    for key in partitions_of_key:
+        ids = [i for i, k, _, _ in sorted(everything, key=lambda m: m[3]) if k == key]
+        assert ids == sorted(ids)
