@@ -9,6 +9,7 @@ message that names it (:func:`load_settings`).
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -75,6 +76,33 @@ class Settings(BaseSettings):
     teacher_budget_usd: float = Field(10.0, ge=0, description="spend limit; calls stop when reached")
     teacher_price_prompt_per_mtok: float = Field(3.0, ge=0, description="USD per 1M prompt tokens")
     teacher_price_completion_per_mtok: float = Field(15.0, ge=0, description="USD per 1M completion tokens")
+
+    # --- streaming workers (issue 4: streams/) ---------------------------------
+    serve_model: str = Field(
+        "", description="directory written by Student.save() that classifier workers serve (until the registry)"
+    )
+    app_id_prefix: str = Field(
+        "pgkd",
+        pattern=r"^[A-Za-z0-9._-]{1,100}$",
+        description="Faust app ids / consumer groups are '<prefix>-classify' and '<prefix>-teacher'; "
+        "also the namespace of the Redis keys",
+    )
+    web_enabled: bool = Field(False, description="Faust's own web server (metrics are served separately)")
+    web_host: str = Field("127.0.0.1", description="bind address of the Faust web server when enabled")
+    faust_datadir: Path = Field(
+        Path(tempfile.gettempdir()) / "pgkd-faust", description="Faust's data directory (one subdir per app id)"
+    )
+    log_level: str = Field("info", pattern=r"^(debug|info|warning|error|critical)$", description="worker log level")
+    max_id_chars: int = Field(256, ge=1, description="longer ids go to the DLQ")
+    dlq_max_original_bytes: int = Field(
+        65_536, ge=0, description="original message bytes kept in a dead letter (base64); longer ones are cut"
+    )
+    redis_timeout_s: float = Field(1.0, gt=0, description="Redis socket timeout; an outage costs this, not a stall")
+    teacher_batch_within_s: float = Field(1.0, gt=0, description="max seconds to wait while filling a teacher batch")
+    teacher_cache_ttl_s: int = Field(30 * 86400, ge=0, description="lifetime of a cached teacher answer (0 = forever)")
+    teacher_budget_recheck_s: float = Field(
+        30.0, gt=0, description="while the budget is spent, how often the teacher worker checks it again"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
