@@ -106,10 +106,29 @@ class _PoolIndex:
         best = max(scores, key=lambda row: (scores[row], -row))
         return self._labels[best]
 
-    def take(self, classes: Sequence[str], n: int) -> list[tuple[str, str]]:
-        """Up to n unseen examples, round-robin over ``classes``, never served twice."""
+    def take(self, classes: Sequence[str], n: int, near: Sequence[dict] = ()) -> list[tuple[str, str]]:
+        """Up to n unseen examples, round-robin over ``classes``, never served twice.
+
+        ``near`` are the prompt's hard negatives ({"text", "label", "predicted"}).
+        A real LLM shown them writes samples that contrast the student's confusions;
+        the simulator imitates that by serving first, for each class, the unseen
+        examples whose words overlap most with the hard negatives that involve that
+        class (as gold label or as wrong prediction). Without them, the order is
+        the seeded random one.
+        """
         with self._lock:
-            queues = [self._unserved[c] for c in dict.fromkeys(classes) if self._unserved.get(c)]
+            queues = []
+            for c in dict.fromkeys(classes):
+                queue = self._unserved.get(c)
+                if not queue:
+                    continue
+                hint = {t for ex in near if c in (ex.get("label"), ex.get("predicted"))
+                        for t in _TOKEN.findall(normalize_text(str(ex.get("text", ""))))}
+                if hint:
+                    ranked = sorted(queue, key=lambda row: -self._overlap(row, hint))  # stable: ties keep seeded order
+                    queue.clear()
+                    queue.extend(ranked)
+                queues.append(queue)
             out: list[tuple[str, str]] = []
             while len(out) < n and any(queues):
                 for queue in queues:
@@ -117,6 +136,10 @@ class _PoolIndex:
                         row = queue.popleft()
                         out.append((self._texts[row], self._labels[row]))
             return out
+
+    def _overlap(self, row: int, tokens: set[str]) -> float:
+        words = set(_TOKEN.findall(normalize_text(self._texts[row])))
+        return sum(self._idf.get(t, 0.0) for t in words & tokens)
 
     def left(self) -> int:
         with self._lock:
@@ -281,7 +304,7 @@ class SimulatorServer:
                                  for t in request["texts"]]}
             self._count("texts_labelled", by=len(request["texts"]))
         else:
-            picked = self._index.take(request["target_classes"], request["n"])
+            picked = self._index.take(request["target_classes"], request["n"], request.get("hard_negatives") or ())
             answer = {"samples": [{"text": text, "label": self._maybe_outside(label)} for text, label in picked]}
             self._count("samples_served", by=len(picked))
         self._count("requests", request["task"])

@@ -210,3 +210,19 @@ def test_cli_bad_pool_is_one_line_error(tmp_path: Path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: data file not found: {tmp_path / 'missing.csv'}"]
+
+
+def test_generation_prefers_examples_near_the_hard_negatives():
+    from pgkd.mining import Example
+
+    hard = Example("refund for my ticket please", label="refund", predicted="card_lost", confidence=0.9)
+    refunds = {t for t, label in zip(POOL.texts, POOL.labels) if label == "refund"}
+
+    def first(sim, mined):
+        msgs = build_generation_messages(TAXONOMY, ["refund"], 1, "report", mined)
+        return answer(sim, msgs)["samples"][0]["text"]
+
+    with SimulatorServer(POOL, seed=0) as plain, SimulatorServer(POOL, seed=0) as guided:
+        assert first(guided, Mined([], [], [hard])) == "Can I get a refund for the ticket?"
+        # without hard negatives the order is the seeded shuffle
+        assert first(plain, NO_EXAMPLES) in refunds
