@@ -201,6 +201,17 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int = 4, c
 
 
 @pytest.fixture
+def kafka_create_topics(kafka_bootstrap: str) -> Callable[..., "asyncio.Future"]:
+    """``await kafka_create_topics([names], partitions=4)`` from inside a running
+    event loop (``kafka_topic`` is the sync shortcut for one topic)."""
+
+    def create(names: list[str], partitions: int = 4, config: dict | None = None):
+        return create_topics(kafka_bootstrap, names, partitions, config)
+
+    return create
+
+
+@pytest.fixture
 def kafka_topic(kafka_bootstrap: str, unique_topic: Callable[..., str]) -> Callable[..., str]:
     """Factory that creates a fresh topic and returns its name.
 
