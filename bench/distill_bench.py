@@ -9,6 +9,8 @@ no variant stops early and spends less):
     pgkd              weakest classes + hard negatives in the prompt (the paper)
     random_classes    ablation: random target classes
     no_hard_negatives ablation: the prompt carries no hard negatives
+    no_teacher        control: the same cycles of retraining with no new samples
+                      (how much of a gain is just more training epochs)
 
 The teacher is the project's teacher SIMULATOR (gold labels from the pool, drawn
 without replacement for the requested classes) reached through the real openai
@@ -40,7 +42,7 @@ from pgkd.data import LabelledTexts, load_labelled, paper_splits
 from pgkd.loop import DistillConfig, evaluate, headline, run_cycles
 from pgkd.simulator import SimulatorServer
 from pgkd.student import Student
-from pgkd.teacher import OpenAITeacher
+from pgkd.teacher import GenerationResult, OpenAITeacher, Usage
 from pgkd.training import TrainConfig, train
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -48,7 +50,19 @@ VARIANTS = {
     "pgkd": dict(target_strategy="weakest", hard_negatives=True),
     "random_classes": dict(target_strategy="random", hard_negatives=True),
     "no_hard_negatives": dict(target_strategy="weakest", hard_negatives=False),
+    "no_teacher": dict(target_strategy="weakest", hard_negatives=True),
 }
+
+
+class NoTeacher:
+    """The control's teacher: answers every generation request with no samples."""
+
+    def __init__(self):
+        self.usage = Usage()
+
+    def generate(self, report, mined, target_classes, n, known_texts=()):
+        return GenerationResult(LabelledTexts((), ()), requested=n, rejected={})
+
 
 
 def load_dataset(name: str, root: Path) -> tuple[LabelledTexts, LabelledTexts | None]:
@@ -102,14 +116,16 @@ def run_seed(name: str, args, seed: int) -> dict:
           flush=True)
 
     known = set(splits.val.texts) | set(test_set.texts)
-    for variant, overrides in VARIANTS.items():
+    for variant in args.variants.split(","):
+        overrides = VARIANTS[variant]
         started = time.perf_counter()
         cfg = DistillConfig(max_cycles=args.max_cycles, patience=args.max_cycles,
                             samples_per_cycle=args.samples_per_cycle, target_classes=args.target_classes,
                             train=train_cfg, cycle_train=cycle_cfg, seed=seed, **overrides)
         # a fresh simulator per variant: each draws from the same, full pool
         with SimulatorServer(splits.pool, seed=seed) as sim:
-            teacher = OpenAITeacher(base_url=sim.url, model="teacher-sim", api_key="bench", taxonomy=taxonomy)
+            teacher = (NoTeacher() if variant == "no_teacher" else
+                       OpenAITeacher(base_url=sim.url, model="teacher-sim", api_key="bench", taxonomy=taxonomy))
             result = run_cycles(baseline, base_val, splits.train, splits.val, teacher, cfg, known_texts=known,
                                 log=lambda _msg: None)
         row[variant] = {
@@ -136,7 +152,7 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["dataset"] for r in rows):
         mine = [r for r in rows if r["dataset"] == name]
-        for config in ("baseline", *VARIANTS):
+        for config in ("baseline", *(v for v in VARIANTS if v in mine[0])):
             acc = [r[config]["test"]["accuracy"] for r in mine]
             f1 = [r[config]["test"]["macro_f1"] for r in mine]
             added = [r[config].get("samples_accepted", 0) for r in mine]
@@ -163,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-cycles", type=int, default=5, help="paper: 10")
     p.add_argument("--samples-per-cycle", type=int, default=32, help="paper: 32")
     p.add_argument("--target-classes", type=int, default=8)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=Path, default=Path("bench/out/distill.json"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = p.parse_args(argv)
@@ -173,11 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     started = time.perf_counter()
-    rows = [run_seed(name, args, int(seed)) for name in args.datasets.split(",") for seed in args.seeds.split(",")]
-    out = {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}, "runs": rows,
-           "wall_seconds": round(time.perf_counter() - started, 1)}
+    out = {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    rows = out["runs"]
+    for name in args.datasets.split(","):
+        for seed in args.seeds.split(","):
+            rows.append(run_seed(name, args, int(seed)))
+            out["wall_seconds"] = round(time.perf_counter() - started, 1)
+            args.out.write_text(json.dumps(out, indent=2) + "\n")  # after every run: a cut-off run keeps its rows
     print(json.dumps(out["machine"]))
     print(table(rows))
     print(f"total wall: {out['wall_seconds']}s; results in {args.out}")
