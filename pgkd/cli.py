@@ -57,10 +57,10 @@ def _train_config(args, epochs: int | None = None):
     )
 
 
-def _load(path: str, args):
+def _load(path: str, args, min_classes: int = 1):
     from pgkd.data import load_labelled
 
-    return load_labelled(path, args.text_col, args.label_col)
+    return load_labelled(path, args.text_col, args.label_col, min_classes=min_classes)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -78,9 +78,9 @@ def cmd_train(args) -> int:
     from pgkd.student import Student
     from pgkd.training import train
 
-    train_set, val = _load(args.train, args), _load(args.val, args)
+    train_set, val = _load(args.train, args, min_classes=2), _load(args.val, args)
     test = _load(args.test, args) if args.test else None
-    check_labels(train_set, val, *([test] if test else []))
+    check_labels(train_set, val, *([test] if test else []), names=[args.val, args.test])
     student = Student.from_pretrained(args.model, train_set.classes(), max_length=args.max_length)
     fit = train(student, train_set, val, _train_config(args))
     out = Path(args.out)
@@ -118,8 +118,8 @@ def cmd_distill(args) -> int:
     from pgkd.student import Student
     from pgkd.teacher import OpenAITeacher
 
-    train_set, val, test = _load(args.train, args), _load(args.val, args), _load(args.test, args)
-    check_labels(train_set, val, test)
+    train_set, val, test = _load(args.train, args, min_classes=2), _load(args.val, args), _load(args.test, args)
+    check_labels(train_set, val, test, names=[args.val, args.test])
     taxonomy = train_set.classes()
     cfg = DistillConfig(
         max_cycles=args.max_cycles,

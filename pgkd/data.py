@@ -86,12 +86,15 @@ def join_text(parts: Iterable[object]) -> str:
     return TEXT_JOIN.join(p for p in kept if p)
 
 
-def load_labelled(path: str | Path, text_cols: str | Sequence[str], label_col: str) -> LabelledTexts:
+def load_labelled(
+    path: str | Path, text_cols: str | Sequence[str], label_col: str, min_classes: int = 2
+) -> LabelledTexts:
     """Read a labelled ``.csv`` (with a header) or ``.jsonl`` file.
 
     Row numbers in error messages count data rows from 1 (a CSV header is not a
     row). Raises :class:`DataError` for a missing file, an unknown extension, a
-    missing column, an empty text or label, or fewer than two classes.
+    missing column, an empty text or label, or fewer than ``min_classes`` classes
+    (a training set needs two; an evaluation set may hold one).
     """
     path = Path(path)
     cols = [text_cols] if isinstance(text_cols, str) else list(text_cols)
@@ -124,9 +127,10 @@ def load_labelled(path: str | Path, text_cols: str | Sequence[str], label_col: s
     if not texts:
         raise DataError(f"{path.name} has no data rows")
     data = LabelledTexts(tuple(texts), tuple(labels))
-    if len(data.classes()) < 2:
+    if len(data.classes()) < min_classes:
         raise DataError(
-            f"{path.name} has {len(data.classes())} class in column {label_col!r}; at least 2 classes are needed"
+            f"{path.name} has {len(data.classes())} class in column {label_col!r}; "
+            f"at least {min_classes} classes are needed"
         )
     return data
 
