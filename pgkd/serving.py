@@ -49,17 +49,21 @@ def model_version(path: Path) -> str:
     return path.resolve().name
 
 
-def _serve_path(settings: Settings) -> Path:
+def serve_path(settings: Settings) -> Path:
+    """The directory to serve; ConfigError when it is not set or not a directory (checked at start-up)."""
     if not settings.serve_model:
         raise ConfigError("PGKD_SERVE_MODEL is not set; point it at a directory written by Student.save()")
-    return Path(settings.serve_model)
+    path = Path(settings.serve_model)
+    if not path.is_dir():
+        raise ConfigError(f"PGKD_SERVE_MODEL={settings.serve_model} is not a directory")
+    return path
 
 
 def load_serving_model(settings: Settings) -> ServingModel:
     """Load the model to serve, ready for ``predict_proba``. Raises ConfigError/ModelError."""
     from pgkd.student import Student
 
-    path = _serve_path(settings)
+    path = serve_path(settings)
     student = Student.load(path)
     version = model_version(path)
     log.info("serving model %s from %s (%d labels, device %s)", version, path, len(student.labels), student.device)
@@ -68,7 +72,7 @@ def load_serving_model(settings: Settings) -> ServingModel:
 
 def load_taxonomy(settings: Settings) -> list[str]:
     """The label set of the served model, without loading its weights (the teacher worker's taxonomy)."""
-    path = _serve_path(settings) / "labels.json"
+    path = serve_path(settings) / "labels.json"
     try:
         return list(json.loads(path.read_text(encoding="utf-8"))["labels"])
     except (OSError, ValueError, KeyError, TypeError) as err:

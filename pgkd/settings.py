@@ -93,6 +93,9 @@ class Settings(BaseSettings):
         Path(tempfile.gettempdir()) / "pgkd-faust", description="Faust's data directory (one subdir per app id)"
     )
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error|critical)$", description="worker log level")
+    kafka_session_timeout_s: float = Field(
+        60.0, ge=6, le=1800, description="consumer group session timeout: how soon a dead worker's partitions move"
+    )
     max_id_chars: int = Field(256, ge=1, description="longer ids go to the DLQ")
     dlq_max_original_bytes: int = Field(
         65_536, ge=0, description="original message bytes kept in a dead letter (base64); longer ones are cut"

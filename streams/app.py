@@ -1,0 +1,129 @@
+"""Builds the Faust App of a worker role from :class:`pgkd.settings.Settings`,
+and declares every topic through one factory. Nothing else lives here.
+
+Roles are separate apps (``<prefix>-classify``, ``<prefix>-teacher``): each is
+its own consumer group, so classifier workers split ``texts.in`` among
+themselves and never steal the teacher's partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, fields
+
+import faust
+from aiokafka.helpers import create_ssl_context
+
+from pgkd.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    ssl_context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        ssl_context = create_ssl_context(cafile=settings.kafka_ssl_cafile or None)
+    if protocol == "SSL":
+        return faust.SSLCredentials(ssl_context)
+    credentials = faust.SASLCredentials(
+        username=settings.kafka_sasl_username,
+        password=settings.kafka_sasl_password.get_secret_value(),
+        mechanism=settings.kafka_sasl_mechanism,
+        ssl_context=ssl_context,
+    )
+    # SASLCredentials pick SASL_SSL/SASL_PLAINTEXT from ssl_context; say it explicitly
+    credentials.protocol = faust.types.auth.AuthProtocol(protocol)
+    return credentials
+
+
+def build_app(settings: Settings, role: str) -> faust.App:
+    """The Faust App of one worker role ("classify" or "teacher")."""
+    app_id = f"{settings.app_id_prefix}-{role}"
+    # Faust creates datadir without parents; it holds nothing for a memory store.
+    datadir = settings.faust_datadir / app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        app_id,
+        broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
+        broker_credentials=_credentials(settings),
+        store="memory://",
+        datadir=str(datadir),
+        autodiscover=False,
+        # at least once: every replica has a record before it counts as sent
+        producer_acks=-1,
+        # a new consumer group starts from the beginning: texts produced before
+        # the first worker started are classified too
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        topic_allow_declare=True,
+        # the leader-assignor topic is for Faust tables; we have none
+        topic_disable_leader=True,
+        web_enabled=settings.web_enabled,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        # a killed worker's partitions move to the others after this long
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
+        # a 1 MB input is legal Kafka; its dead letter is cut (dlq_max_original_bytes)
+        producer_max_request_size=2 * 1024 * 1024,
+    )
+    return app
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic of the product, declared on one App."""
+
+    texts_in: faust.TopicT
+    labels_out: faust.TopicT
+    teacher_requests: faust.TopicT
+    teacher_labels: faust.TopicT
+    dlq: faust.TopicT
+    retrain_requests: faust.TopicT
+    model_updates: faust.TopicT
+
+    async def declare_all(self) -> None:
+        """Create every topic that does not exist yet (partitions and replication
+        from settings). Called before an agent sends anything: a send to a
+        missing topic would let the broker auto-create it with its own defaults."""
+        await asyncio.gather(*(getattr(self, f.name).maybe_declare() for f in fields(self)))
+
+
+def declare_topics(app: faust.App, settings: Settings) -> Topics:
+    """The one topic factory: names, partitions and replication from settings.
+
+    Inputs the agents read (``texts.in``, ``teacher.requests``) are raw bytes,
+    parsed by plain functions so a bad record becomes a dead letter; outputs are
+    written as JSON Records with string keys.
+    """
+
+    def topic(name: str, *, compacting: bool = False) -> faust.TopicT:
+        return app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.topic_partitions,
+            replicas=settings.topic_replication,
+            # internal: Faust creates it (the product owns all these topics)
+            internal=True,
+            compacting=compacting or None,
+        )
+
+    return Topics(
+        texts_in=topic(settings.topic_texts_in),
+        # compacted: the last record per id (the teacher's, when there is one) is the answer
+        labels_out=topic(settings.topic_labels_out, compacting=True),
+        teacher_requests=topic(settings.topic_teacher_requests),
+        teacher_labels=topic(settings.topic_teacher_labels),
+        dlq=topic(settings.topic_dlq),
+        retrain_requests=topic(settings.topic_retrain_requests),
+        model_updates=topic(settings.topic_model_updates),
+    )

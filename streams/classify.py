@@ -1,0 +1,165 @@
+"""The classifier worker: ``texts.in`` -> student -> ``labels.out`` (+ low
+confidence -> ``teacher.requests``, bad input -> ``texts.dlq``).
+
+Run it with ``pgkd worker classify`` or ``faust -A streams.classify worker``;
+settings come from ``PGKD_*`` variables. Workers of this role share one
+consumer group and split the partitions of ``texts.in``.
+
+Delivery is at least once (:mod:`streams.delivery`). Outputs are a pure
+function of (input, model version) and carry the input's timestamp, so a
+redelivered input yields the same records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from pgkd.inference import Rejected, Routing, TextIn, parse_input, route
+from pgkd.serving import ServingModel, load_serving_model, serve_path
+from pgkd.settings import Settings, load_settings
+from streams import metrics
+from streams.app import Topics, build_app, declare_topics
+from streams.delivery import Incoming, run_batches, send, start_or_exit
+from streams.schemas import DeadLetter, LabelOut, TeacherRequest
+
+log = logging.getLogger(__name__)
+
+
+class Classifier:
+    """The worker's state: settings, the model it serves, its inference thread.
+
+    ``model`` is read once per batch, so replacing it (hot swap) is one
+    assignment that takes effect between batches.
+    """
+
+    def __init__(self, settings: Settings, topics: Topics):
+        self.settings = settings
+        self.topics = topics
+        self.routing = Routing.from_settings(settings)
+        self.model: ServingModel | None = None
+        # one thread: torch inference is not re-entrant friendly, and batches are sequential anyway
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-inference")
+
+    async def start(self) -> None:
+        if self.model is not None:  # the agent restarts on rebalances; the model stays
+            return
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(self._executor, load_serving_model, self.settings)
+        self.swap(model)
+
+    def swap(self, model: ServingModel) -> None:
+        old, self.model = self.model, model
+        if old is not None:
+            metrics.MODEL_INFO.remove(old.version)
+        metrics.MODEL_INFO.labels(model.version).set(1)
+
+    async def _predict(self, model: ServingModel, texts: list[str]) -> list[np.ndarray | Exception]:
+        """Probabilities per text, off the event loop. If the batch fails, each
+        text is tried alone so one bad text cannot sink the others."""
+        loop = asyncio.get_running_loop()
+        predict = model.student.predict_proba
+        size = self.settings.batch_size
+        try:
+            probs = await loop.run_in_executor(self._executor, predict, texts, size)
+            return list(probs)
+        except Exception as err:  # noqa: BLE001 - any model failure: retry one by one, then DLQ
+            log.warning("batch inference failed (%s: %s); retrying text by text", type(err).__name__, err)
+        out: list[np.ndarray | Exception] = []
+        for text in texts:
+            try:
+                out.append((await loop.run_in_executor(self._executor, predict, [text], 1))[0])
+            except Exception as err:  # noqa: BLE001
+                out.append(err)
+        return out
+
+    def _dead_letter(self, msg: Incoming, stage: str, reason: str, error: str, ident: str | None) -> DeadLetter:
+        metrics.DLQ.labels(reason, stage).inc()
+        return DeadLetter.of(
+            stage=stage, reason=reason, error=error, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+            value=msg.value, ts=msg.ts, max_original_bytes=self.settings.dlq_max_original_bytes, id=ident,
+        )
+
+    async def handle(self, batch: Sequence[Incoming]) -> None:
+        """Classify one batch and wait until every record it produced is stored
+        by the broker. Bad records become dead letters; the batch goes on."""
+        model = self.model
+        assert model is not None, "start() loads the model before the first batch"
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.TEXTS_TOTAL.inc(len(batch))
+        sends: list[Awaitable] = []
+        valid: list[tuple[Incoming, TextIn]] = []
+        for msg in batch:
+            parsed = parse_input(msg.value, self.settings.max_text_chars, self.settings.max_id_chars)
+            if isinstance(parsed, Rejected):
+                letter = self._dead_letter(msg, "parse", parsed.reason, parsed.detail, parsed.id)
+                sends.append(send(self.topics.dlq, letter.key(), letter.dumps()))
+            else:
+                valid.append((msg, parsed))
+
+        started = time.perf_counter()
+        results = await self._predict(model, [item.text for _, item in valid]) if valid else []
+        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+
+        latencies: list[float] = []
+        for (msg, item), probs in zip(valid, results, strict=True):
+            if isinstance(probs, Exception):
+                error = f"{type(probs).__name__}: {probs}"
+                letter = self._dead_letter(msg, "inference", "inference_error", error, item.id)
+                sends.append(send(self.topics.dlq, letter.key(), letter.dumps()))
+                continue
+            answer = route(probs, model.labels, self.routing)
+            out = LabelOut(
+                id=item.id, label=answer.label, confidence=answer.confidence,
+                top_k=[list(pair) for pair in answer.top_k], model_version=model.version, source="student",
+                needs_review=answer.needs_review, ts=msg.ts, extra=item.extra,
+            )
+            sends.append(send(self.topics.labels_out, item.id, out.dumps()))
+            metrics.TEXTS_CLASSIFIED.labels(answer.label, model.version).inc()
+            metrics.CONFIDENCE.observe(answer.confidence)
+            latencies.append(msg.ts)
+            if answer.needs_review:
+                metrics.LOW_CONFIDENCE.labels(model.version).inc()
+                request = TeacherRequest(
+                    id=item.id, text=item.text, student_label=answer.label,
+                    student_confidence=answer.confidence, top_k=out.top_k, model_version=model.version,
+                    ts=msg.ts, extra=item.extra,
+                )
+                sends.append(send(self.topics.teacher_requests, item.id, request.dumps()))
+        # The broker has every record of the batch once these resolve; only then
+        # may the caller ack the batch's events.
+        await asyncio.gather(*sends)
+        now = time.time()
+        for ts in latencies:
+            if ts:
+                metrics.END_TO_END.labels("student").observe(max(0.0, now - ts))
+
+
+
+settings = load_settings()
+serve_path(settings)  # a missing model stops start-up here, with its name
+app = build_app(settings, "classify")
+topics = declare_topics(app, settings)
+classifier = Classifier(settings, topics)
+
+
+@app.agent(topics.texts_in)
+async def classify(stream):
+    """Batches of texts.in -> labels.out / teacher.requests / texts.dlq."""
+    await topics.declare_all()
+    await start_or_exit(classifier.start, "classify")
+    await run_batches(stream, settings.batch_size, settings.batch_within_s, classifier.handle, "classify")
+
+
+@app.task
+async def serve_metrics() -> None:
+    metrics.start_metrics_server(settings.metrics_host, settings.metrics_port)

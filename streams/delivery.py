@@ -1,0 +1,82 @@
+"""At-least-once batch processing, shared by the agents.
+
+Faust's ``stream.take()`` acknowledges a batch's events in a ``finally``: also
+when processing raised, and as soon as the agent asks for the next batch, before
+sends that were only queued have reached the broker. So the agents use
+``stream.noack_take()`` (events, no automatic acks; faust-streaming#315, #513)
+and :func:`run_batches` acks a batch only after the handler returned, and the
+handler returns only after the broker acknowledged every record the batch
+produced. The consumer then commits acked offsets (after a producer flush).
+
+If a batch fails anyway (the producer gave up after its retries, or a bug), the
+process exits without acking it: a restart redelivers the batch. Going on would
+leave a hole below the committed offset that only a restart fills.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+EXIT_BATCH_FAILED = 70  # EX_SOFTWARE
+EXIT_START_FAILED = 78  # EX_CONFIG
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One consumed message: where it came from and its raw value."""
+
+    topic: str
+    partition: int
+    offset: int
+    ts: float  # the message timestamp, epoch seconds (0.0 when the broker has none)
+    value: bytes | None
+
+
+def incoming(event) -> Incoming:
+    message = event.message
+    return Incoming(message.topic, message.partition, message.offset, message.timestamp or 0.0, event.value)
+
+
+async def send(topic, key: str, value: bytes):
+    """Send one record; returns when the broker has acknowledged it (RecordMetadata).
+
+    ``topic.send()`` only queues the record in the producer and returns a
+    future; awaiting that future waits for the broker (acks=all)."""
+    return await (await topic.send(key=key.encode("utf-8"), value=value))
+
+
+async def start_or_exit(start: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run an agent's start-up (model load, clients); on failure exit the process.
+    A Faust agent that raises is restarted or left dead while the worker looks
+    healthy; a worker that cannot serve must say so and stop."""
+    try:
+        await start()
+    except Exception:
+        log.critical("%s worker cannot start; exiting", what, exc_info=True)
+        logging.shutdown()
+        os._exit(EXIT_START_FAILED)
+
+
+async def run_batches(
+    stream,
+    size: int,
+    within_s: float,
+    handle: Callable[[Sequence[Incoming]], Awaitable[None]],
+    what: str,
+) -> None:
+    """Feed batches of ``stream`` to ``handle``; ack each batch once ``handle`` returned."""
+    async for events in stream.noack_take(size, within=within_s):
+        try:
+            await handle([incoming(event) for event in events])
+        except Exception:
+            log.critical("%s batch of %d failed; exiting without acknowledging it (a restart redelivers it)",
+                         what, len(events), exc_info=True)
+            logging.shutdown()
+            os._exit(EXIT_BATCH_FAILED)
+        for event in events:
+            await stream.ack(event)

@@ -1,0 +1,115 @@
+"""Message schemas of the topics the workers write (docs/TOPICS.md has examples).
+
+``texts.in`` has no Record: producers write plain JSON that
+:func:`pgkd.inference.parse_input` reads from the raw bytes, so undecodable
+input reaches the dead-letter topic instead of failing inside Faust.
+
+Records are plain JSON (``include_metadata=False``: no ``__faust`` field), so
+any Kafka client can read them.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Optional
+
+import faust
+
+
+class LabelOut(faust.Record, serializer="json", include_metadata=False):
+    """``labels.out``, key = id: the answer for one text. The student answers
+    first; a low-confidence text later gets a second record with the same key
+    and ``source="teacher"``."""
+
+    id: str
+    label: str
+    confidence: float
+    top_k: list  # [[label, probability], ...], best first
+    model_version: str  # the student version that answered (or routed, for teacher records)
+    source: str  # "student" | "teacher"
+    needs_review: bool
+    ts: float  # timestamp of the texts.in message (epoch seconds): redeliveries give the same record
+    extra: dict  # the input's other fields, untouched
+    teacher_model: Optional[str] = None  # set on teacher records
+
+
+class TeacherRequest(faust.Record, serializer="json", include_metadata=False):
+    """``teacher.requests``, key = id: a low-confidence text for the teacher."""
+
+    id: str
+    text: str
+    student_label: str
+    student_confidence: float
+    top_k: list
+    model_version: str
+    ts: float  # of the texts.in message
+    extra: dict
+
+
+class TeacherLabel(faust.Record, serializer="json", include_metadata=False):
+    """``teacher.labels``, key = id: the teacher's label, a training sample for distillation."""
+
+    id: str
+    text: str
+    label: str
+    teacher_model: str
+    usage: dict  # this text's share of its request: prompt_tokens, completion_tokens, cost_usd, cached
+    student_label: str
+    student_confidence: float
+    model_version: str
+    ts: float  # of the texts.in message
+    labelled_at: float  # when the teacher answered (a cached answer keeps its first time)
+
+
+class DeadLetter(faust.Record, serializer="json", include_metadata=False):
+    """``texts.dlq``, key = id when known, else ``topic:partition:offset``."""
+
+    stage: str  # "parse" | "inference" | "teacher"
+    reason: str  # a fixed name per stage (metric label); see docs/TOPICS.md
+    error: str  # one line for a human
+    topic: str
+    partition: int
+    offset: int
+    id: Optional[str]
+    original_b64: str  # the original message value, base64 (cut to dlq_max_original_bytes)
+    original_size: int  # its full size in bytes
+    original_truncated: bool
+    ts: float  # of the original message
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        stage: str,
+        reason: str,
+        error: str,
+        topic: str,
+        partition: int,
+        offset: int,
+        value: bytes | None,
+        ts: float,
+        max_original_bytes: int,
+        id: str | None = None,  # noqa: A002  # the field's name
+    ) -> DeadLetter:
+        raw = value or b""
+        return cls(
+            stage=stage,
+            reason=reason,
+            error=error[:1000],
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            id=id,
+            original_b64=base64.b64encode(raw[:max_original_bytes]).decode("ascii"),
+            original_size=len(raw),
+            original_truncated=len(raw) > max_original_bytes,
+            ts=ts,
+        )
+
+    def key(self) -> str:
+        return self.id if self.id is not None else f"{self.topic}:{self.partition}:{self.offset}"
+
+
+def to_plain(record: faust.Record) -> dict[str, Any]:
+    """The record as the JSON object consumers see."""
+    return record.asdict()
