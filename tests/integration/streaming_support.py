@@ -1,0 +1,243 @@
+"""Helpers of the streaming tests (not a test module): worker subprocesses,
+producing into and reading from the real broker, scraping /metrics.
+
+Workers run as real processes (``pgkd worker <role>`` or ``faust -A``),
+configured only by ``PGKD_*`` variables, with torch on one thread: the test
+machine has two cores shared with other test runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BANKING = Path(os.environ.get("PGKD_TEST_BANKING77", REPO_ROOT.parent / "shared" / "datasets" / "banking77"))
+
+TOPIC_SETTINGS = {
+    "texts_in": "PGKD_TOPIC_TEXTS_IN",
+    "labels_out": "PGKD_TOPIC_LABELS_OUT",
+    "teacher_requests": "PGKD_TOPIC_TEACHER_REQUESTS",
+    "teacher_labels": "PGKD_TOPIC_TEACHER_LABELS",
+    "dlq": "PGKD_TOPIC_DLQ",
+    "retrain_requests": "PGKD_TOPIC_RETRAIN_REQUESTS",
+    "model_updates": "PGKD_TOPIC_MODEL_UPDATES",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class StreamEnv:
+    """Fresh topic names, app prefix and Redis db for one test, as PGKD_* variables."""
+
+    bootstrap: str
+    topics: dict[str, str]
+    env: dict[str, str]
+    workdir: Path
+    workers: list[Worker] = field(default_factory=list)
+
+    @classmethod
+    def make(cls, bootstrap: str, redis_url: str, unique: Callable[[str], str], workdir: Path,
+             model_dir: Path, **overrides: object) -> StreamEnv:
+        prefix = unique("app")
+        topics = {name: f"{prefix}.{name.replace('_', '.')}" for name in TOPIC_SETTINGS}
+        env = {
+            "PGKD_KAFKA_BOOTSTRAP": bootstrap,
+            "PGKD_REDIS_URL": redis_url,
+            "PGKD_SERVE_MODEL": str(model_dir),
+            "PGKD_APP_ID_PREFIX": prefix,
+            "PGKD_FAUST_DATADIR": str(workdir / "faust"),
+            "PGKD_TORCH_THREADS": "1",
+            "PGKD_METRICS_PORT": "0",
+            "PGKD_BATCH_SIZE": "32",
+            "PGKD_BATCH_WITHIN_S": "0.2",
+            "PGKD_TEACHER_BATCH_WITHIN_S": "0.3",
+            **{TOPIC_SETTINGS[name]: topic for name, topic in topics.items()},
+        }
+        env |= {f"PGKD_{k.upper()}": str(v) for k, v in overrides.items()}
+        return cls(bootstrap, topics, env, workdir)
+
+    def start(self, role: str, *, via_faust: bool = False, **overrides: object) -> Worker:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PGKD_")}
+        env |= self.env | {f"PGKD_{k.upper()}": str(v) for k, v in overrides.items()}
+        port = free_port()
+        env["PGKD_METRICS_PORT"] = str(port)
+        env["OMP_NUM_THREADS"] = "1"
+        if via_faust:
+            module = {"classify": "streams.classify", "teacher": "streams.teacher_agent"}[role]
+            cmd = [sys.executable, "-m", "faust", "-A", module, "worker", "-l", "info"]
+        else:
+            cmd = [sys.executable, "-m", "pgkd.cli", "worker", role]
+        n = sum(w.role == role for w in self.workers)
+        log = self.workdir / f"{role}-{n}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        worker = Worker(role, proc, log, port)
+        self.workers.append(worker)
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.workers:  # all at once: each takes seconds to leave its group
+            if worker.alive():
+                worker.proc.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.stop()
+
+    def logs(self, tail: int = 4000) -> str:
+        return "\n".join(f"----- {w.log.name} (exit {w.proc.poll()}) -----\n{w.tail(tail)}" for w in self.workers)
+
+
+@dataclass
+class Worker:
+    role: str
+    proc: subprocess.Popen
+    log: Path
+    metrics_port: int
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        """Until Faust says the worker is ready and partitions are assigned."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.alive(), f"{self.role} worker exited with {self.proc.returncode}:\n{self.tail()}"
+            if "Worker]: Ready" in self.tail(10**7):
+                return
+            time.sleep(0.25)
+        raise TimeoutError(f"{self.role} worker not ready after {timeout_s}s:\n{self.tail()}")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's /metrics as {'name{labels}': value}."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+
+def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for key, value in metrics.items():
+        base, _, rest = key.partition("{")
+        if base != name:
+            continue
+        pairs = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', rest))
+        if all(pairs.get(k) == v for k, v in labels.items()):
+            total += value
+    return total
+
+
+# --- Kafka I/O ---------------------------------------------------------------------
+
+
+def text_message(ident: str, text: str, **extra: object) -> tuple[bytes, bytes]:
+    return ident.encode(), json.dumps({"id": ident, "text": text, **extra}).encode()
+
+
+async def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]],
+                  rate_per_s: float | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=2 * 1024 * 1024,
+                                linger_ms=5)
+    await producer.start()
+    try:
+        for i, (key, value) in enumerate(messages):
+            await producer.send(topic, key=key, value=value)
+            if rate_per_s and i % 10 == 9:
+                await asyncio.sleep(10 / rate_per_s)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def produce_sync(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]]) -> None:
+    asyncio.run(produce(bootstrap, topic, list(messages)))
+
+
+@dataclass
+class Collected:
+    """Every record read so far, by topic: (key, parsed JSON value)."""
+
+    records: dict[str, list[tuple[str, dict]]]
+
+    def of(self, topic: str) -> list[dict]:
+        return [value for _key, value in self.records.get(topic, [])]
+
+
+async def collect(
+    bootstrap: str,
+    topics: list[str],
+    done: Callable[[Collected], bool],
+    timeout_s: float,
+    workers: Iterable[Worker] = (),
+    linger_s: float = 0.0,
+) -> Collected:
+    """Read ``topics`` from the beginning until ``done`` (then ``linger_s`` more
+    seconds, to catch duplicates); fails if a worker dies or time runs out."""
+    got = Collected({t: [] for t in topics})
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                group_id=None, fetch_max_bytes=8 * 1024 * 1024)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        finished_at: float | None = None
+        while True:
+            for worker in workers:
+                assert worker.alive(), f"{worker.role} worker exited with {worker.proc.returncode}:\n{worker.tail()}"
+            for tp, records in (await consumer.getmany(timeout_ms=300)).items():
+                for r in records:
+                    got.records[tp.topic].append(((r.key or b"").decode(), json.loads(r.value)))
+            now = time.monotonic()
+            if finished_at is None and done(got):
+                finished_at = now
+            if finished_at is not None and now - finished_at >= linger_s:
+                return got
+            if now > deadline:
+                sizes = {t: len(v) for t, v in got.records.items()}
+                raise TimeoutError(f"not done after {timeout_s}s; records so far: {sizes}")
+    finally:
+        await consumer.stop()
+
+
+def collect_sync(*args, **kwargs) -> Collected:
+    return asyncio.run(collect(*args, **kwargs))
