@@ -6,7 +6,7 @@ PYTEST = $(PYTHON) -m pytest -q
 pytest_ok_if_empty = status=0; $(PYTEST) $(1) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest: no tests collected"; status=0; fi; exit $$status
 
-.PHONY: setup test test-fast services-up services-down
+.PHONY: setup test test-fast services-up services-down distill-demo
 
 ## install what this machine lacks: Debian packages, the package with its test extras, the Kafka jars
 setup:
@@ -28,3 +28,16 @@ services-up:
 services-down:
 	deploy/local/kafka stop
 	deploy/local/redis stop
+
+## PGKD on Banking77 against the teacher SIMULATOR (batch job; see README)
+DATASETS ?= ../shared/datasets
+DEMO_OUT ?= runs/b77
+SIM_PORT ?= 8089
+distill-demo:
+	pgkd split --data $(DATASETS)/banking77/train.csv --test $(DATASETS)/banking77/test.csv \
+		--text-col text --label-col category --n-test 1000 --out $(DEMO_OUT)
+	pgkd teacher-sim --pool $(DEMO_OUT)/pool.csv --text-col text --label-col label --port $(SIM_PORT) & sim=$$!; \
+		trap 'kill $$sim 2>/dev/null' EXIT; \
+		pgkd distill --train $(DEMO_OUT)/train.csv --val $(DEMO_OUT)/val.csv --test $(DEMO_OUT)/test.csv \
+			--teacher-url http://127.0.0.1:$(SIM_PORT)/v1 --teacher-model teacher-sim --out $(DEMO_OUT) \
+			--max-length 64 --lr 1e-4 --epochs 12 --cycle-epochs 4 --train-patience 3 --max-cycles 5

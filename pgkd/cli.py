@@ -160,6 +160,30 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_split(args) -> int:
+    """The paper's protocol as files: train/val from n_seed samples, a pool, a test set."""
+    import csv
+
+    from pgkd.data import paper_splits
+
+    data = _load(args.data, args, min_classes=2)
+    test = _load(args.test, args) if args.test else None
+    splits = paper_splits(data, n_seed=args.n_seed, val_fraction=args.val_fraction, n_test=args.n_test,
+                          seed=args.seed, test=test)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for name in ("train", "val", "pool", "test"):
+        part = getattr(splits, name)
+        with (out / f"{name}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(zip(part.texts, part.labels))
+        sizes[name] = len(part)
+    print(json.dumps({"out": str(out), **sizes}))
+    return 0
+
+
 def _teacher_key() -> str:
     from pgkd.settings import load_settings
 
@@ -182,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("split", help="the paper's protocol: train/val/pool/test CSVs (columns text,label)")
+    p.add_argument("--data", required=True, help="labelled file to split")
+    p.add_argument("--test", default=None, help="a separate test file (else --n-test rows are carved from --data)")
+    p.add_argument("--n-seed", type=int, default=1000, help="labelled seed samples, split into train/val (paper: 1000)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--n-test", type=int, default=None, help="test rows, stratified (required without --test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    _add_data_args(p)
+    p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("evaluate", help="evaluate a stored student on a labelled file")
     p.add_argument("--model", required=True, help="directory written by train/distill (…/model)")

@@ -227,7 +227,7 @@ def paper_splits(
     ``test``, ``n_test`` stratified samples are carved from ``data`` first.
     """
     if test is None and n_test is None:
-        raise ValueError("paper_splits needs a test set (test=...) or a test size to carve from data (n_test=...)")
+        raise DataError("paper_splits needs a test set (test=...) or a test size to carve from data (n_test=...)")
     rng = np.random.default_rng(seed)
     remaining = data
     if test is not None:

@@ -175,7 +175,7 @@ def test_paper_splits_carves_a_test_set():
 
 def test_paper_splits_rejects_bad_sizes():
     data = balanced(5)
-    with pytest.raises(ValueError, match="needs a test set"):
+    with pytest.raises(DataError, match="needs a test set"):
         paper_splits(data, n_seed=8)
     with pytest.raises(DataError, match=r"^n_seed=100 must be between 2 and 16 "):
         paper_splits(data, n_seed=100, n_test=4)
