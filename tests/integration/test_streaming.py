@@ -23,6 +23,7 @@ from streaming_support import (
     BANKING,
     StreamEnv,
     collect_sync,
+    free_port,
     metric_sum,
     produce,
     produce_sync,
@@ -360,7 +361,9 @@ def test_teacher_faults_reach_the_dlq_and_the_classifier_keeps_going(stream, tin
     env = stream(tiny_student, teacher_base_url=sim.url, low_conf_threshold=1.0, teacher_max_retries=1,
                  teacher_timeout_s=1.0, teacher_batch_size=8, teacher_concurrency=2)
     t = env.topics
-    classify, teacher = env.start("classify"), env.start("teacher")
+    classify = env.start("classify")
+    # and Redis is down for the teacher worker: cache misses, local spend accounting, no crash
+    teacher = env.start("teacher", redis_url=f"redis://127.0.0.1:{free_port()}/0")
     phases = [("garbage", "invalid_json"), ("slow", "timeout"), ("down", "connection")]
     per_phase = 12
     try:
@@ -394,6 +397,8 @@ def test_teacher_faults_reach_the_dlq_and_the_classifier_keeps_going(stream, tin
         assert metric_sum(m, "pgkd_dlq_total", reason=reason, stage="teacher") == per_phase
     assert metric_sum(m, "pgkd_teacher_calls_total", outcome="error") >= 3
     assert metric_sum(m, "pgkd_teacher_retries_total") >= 3
+    assert metric_sum(m, "pgkd_redis_errors_total", op="cache_get") >= 3
+    assert metric_sum(m, "pgkd_redis_errors_total", op="spend_get") >= 3
 
 
 @pytest.mark.slow
