@@ -43,7 +43,7 @@ class Classifier:
         self.topics = topics
         self.routing = Routing.from_settings(settings)
         self.model: ServingModel | None = None
-        # one thread: torch inference is not re-entrant friendly, and batches are sequential anyway
+        # one thread: batches are sequential; torch parallelises inside a batch (PGKD_TORCH_THREADS)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-inference")
 
     async def start(self) -> None:
@@ -65,7 +65,8 @@ class Classifier:
 
     async def _predict(self, model: ServingModel, texts: list[str]) -> list[np.ndarray | Exception]:
         """Probabilities per text, off the event loop. If the batch fails, each
-        text is tried alone so one bad text cannot sink the others."""
+        text is tried alone, so one text the model cannot take goes to the DLQ
+        and the others are answered."""
         loop = asyncio.get_running_loop()
         predict = model.student.predict_proba
         size = self.settings.batch_size
@@ -80,6 +81,11 @@ class Classifier:
                 out.append((await loop.run_in_executor(self._executor, predict, [text], 1))[0])
             except Exception as err:  # noqa: BLE001
                 out.append(err)
+        if len(texts) > 1 and all(isinstance(o, Exception) for o in out):
+            # Every text fails alone too: the model is broken, not the data. Raising
+            # leaves the batch unacked (the worker exits, a restart retries it),
+            # instead of dead-lettering the whole stream.
+            raise RuntimeError(f"inference fails on every text of the batch: {out[0]!r}")
         return out
 
     def _dead_letter(self, msg: Incoming, stage: str, reason: str, error: str, ident: str | None) -> DeadLetter:
@@ -106,9 +112,11 @@ class Classifier:
             else:
                 valid.append((msg, parsed))
 
-        started = time.perf_counter()
-        results = await self._predict(model, [item.text for _, item in valid]) if valid else []
-        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+        results: list[np.ndarray | Exception] = []
+        if valid:
+            started = time.perf_counter()
+            results = await self._predict(model, [item.text for _, item in valid])
+            metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
 
         latencies: list[float] = []
         for (msg, item), probs in zip(valid, results, strict=True):
@@ -142,7 +150,6 @@ class Classifier:
         for ts in latencies:
             if ts:
                 metrics.END_TO_END.labels("student").observe(max(0.0, now - ts))
-
 
 
 settings = load_settings()

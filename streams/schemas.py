@@ -11,6 +11,7 @@ any Kafka client can read them.
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any, Optional
 
 import faust
@@ -44,6 +45,20 @@ class TeacherRequest(faust.Record, serializer="json", include_metadata=False):
     model_version: str
     ts: float  # of the texts.in message
     extra: dict
+
+    @classmethod
+    def parse(cls, raw: bytes | None) -> TeacherRequest | str:
+        """A teacher.requests value -> the Record, or why it cannot be read (a dead letter)."""
+        try:
+            obj = json.loads(raw or b"")
+            if not isinstance(obj, dict):
+                return f"expected a JSON object, got {type(obj).__name__}"
+            request = cls.from_data(obj)
+        except (ValueError, TypeError, KeyError) as err:
+            return f"unreadable teacher request: {type(err).__name__}: {err}"
+        if not isinstance(request.id, str) or not isinstance(request.text, str) or not request.text.strip():
+            return "a teacher request needs a string id and a non-empty text"
+        return request
 
 
 class TeacherLabel(faust.Record, serializer="json", include_metadata=False):

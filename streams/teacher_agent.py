@@ -23,7 +23,6 @@ keeps the order and needs nothing.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Sequence
@@ -50,20 +49,6 @@ class Answer:
     teacher_model: str
     labelled_at: float
     usage: dict
-
-
-def decode_request(raw: bytes | None) -> TeacherRequest | str:
-    """A teacher.requests value -> the Record, or why it cannot be read."""
-    try:
-        obj = json.loads(raw or b"")
-        if not isinstance(obj, dict):
-            return f"expected a JSON object, got {type(obj).__name__}"
-        request = TeacherRequest.from_data(obj)
-    except (ValueError, TypeError, KeyError) as err:
-        return f"unreadable teacher request: {type(err).__name__}: {err}"
-    if not isinstance(request.id, str) or not isinstance(request.text, str) or not request.text.strip():
-        return "teacher request needs a string id and a non-empty text"
-    return request
 
 
 class TeacherWorker:
@@ -103,7 +88,7 @@ class TeacherWorker:
         sends: list[Awaitable] = []
         valid: list[tuple[Incoming, TeacherRequest]] = []
         for msg in batch:
-            decoded = decode_request(msg.value)
+            decoded = TeacherRequest.parse(msg.value)
             if isinstance(decoded, str):
                 sends.append(self._dead_letter(msg, "bad_request", decoded, None))
             else:

@@ -8,7 +8,7 @@ import sys
 
 from pgkd.settings import Settings
 from streams.app import build_app, declare_topics
-from streams.schemas import DeadLetter, LabelOut
+from streams.schemas import DeadLetter, LabelOut, TeacherRequest
 
 
 def test_records_are_plain_json_without_faust_metadata():
@@ -32,6 +32,17 @@ def test_dead_letter_keeps_original_bytes_cut_to_the_limit():
     with_id = DeadLetter.of(stage="parse", reason="empty_text", error="e", topic="t", partition=0, offset=0,
                             value=None, ts=0.0, max_original_bytes=4, id="abc")
     assert with_id.key() == "abc" and with_id.original_size == 0
+
+
+def test_teacher_requests_round_trip_and_bad_ones_are_named():
+    request = TeacherRequest(id="a", text="where is my card", student_label="card_arrival", student_confidence=0.2,
+                             top_k=[["card_arrival", 0.2]], model_version="v1", ts=1.0, extra={})
+    assert TeacherRequest.parse(request.dumps()) == request
+    assert TeacherRequest.parse(b"\xff").startswith("unreadable teacher request")
+    assert TeacherRequest.parse(b"[]") == "expected a JSON object, got list"
+    assert "missing 6 required" in TeacherRequest.parse(b'{"id": "a", "text": "t"}')
+    bad_id = json.loads(request.dumps()) | {"id": 5}
+    assert "needs a string id" in TeacherRequest.parse(json.dumps(bad_id).encode())
 
 
 def test_every_topic_comes_from_settings(tmp_path):
