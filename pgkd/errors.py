@@ -23,6 +23,14 @@ class ModelIntegrityError(ModelError):
     """A stored model's files do not match the checksums in its manifest."""
 
 
+class RegistryError(PGKDError):
+    """The model registry refuses an operation: unknown version, nothing to roll back to."""
+
+
+class RegistryUnavailable(RegistryError):
+    """Redis, which holds the registry's pointer and history, does not answer."""
+
+
 class TeacherError(PGKDError):
     """The teacher failed after its retries, or answered with unusable output."""
 

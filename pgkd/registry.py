@@ -1,0 +1,486 @@
+"""The model registry: stored versions on disk, which one serves in Redis.
+
+A version is a directory of the model store (``models/v0003/``, layout in
+``models/README.md``): what :meth:`Student.save` writes plus ``manifest.json``
+with the sha256 of every file. It is written under ``.tmp-<uuid>/`` and renamed
+into place only when complete, so a reader never sees half a version, and a
+crash leaves only a ``.tmp-*`` directory that is never listed.
+
+Redis holds what must change atomically and be shared by every worker:
+
+``{ns}:registry:current``      the version that serves (a string)
+``{ns}:registry:history``      every promote / rollback, oldest first (JSON list)
+``{ns}:registry:stack``        the promoted versions, for rollback
+``{ns}:registry:version_seq``  INCR: version numbers unique across trainers
+``{ns}:registry:rounds``       every retrain round record, oldest first (JSON list)
+``{ns}:registry:round_seq``    INCR: round numbers
+``{ns}:registry:claim:<id>``   SET NX: one trainer runs a retrain request
+
+Nothing here is loaded or promoted without first checking every file against
+its checksum (:class:`ModelIntegrityError` names the file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from pgkd.errors import ModelIntegrityError, RegistryError, RegistryUnavailable
+
+if TYPE_CHECKING:
+    from pgkd.settings import Settings
+    from pgkd.student import Student
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+LABELS_FILE = "labels.json"  # = pgkd.student.LABELS_FILE (not imported: that would load torch)
+TMP_PREFIX = ".tmp-"
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+OUTCOMES = ("promoted", "rejected", "failed")
+STACK_DEPTH = 1000  # how many promotions back a rollback can go
+_CHUNK = 1 << 20
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (safe to log or print).
+
+    >>> redact_url("redis://:s3cret@cache.internal:6380/2")
+    'redis://:***@cache.internal:6380/2'
+    >>> redact_url("rediss://app:s3cret@cache/0?password=s3cret")
+    'rediss://app:***@cache/0?password=***'
+    >>> redact_url("redis://127.0.0.1:6379/0")
+    'redis://127.0.0.1:6379/0'
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def version_number(version: str) -> int:
+    """``"v0012"`` -> 12; RegistryError for anything that is not a version name.
+
+    >>> version_number("v0012")
+    12
+    """
+    match = VERSION_RE.match(version)
+    if not match:
+        raise RegistryError(f"not a version name: {version!r} (expected v0001-style)")
+    return int(match.group(1))
+
+
+class Registry:
+    """Versions in ``store``; pointer, history and rounds in Redis under ``namespace``."""
+
+    def __init__(self, store: str | Path, redis_url: str, namespace: str = "pgkd", *, timeout_s: float = 5.0):
+        self.store = Path(store)
+        self.namespace = namespace
+        self.redis_url = redact_url(redis_url)  # the password never leaves the client
+        self._redis = redis.Redis.from_url(
+            redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Registry:
+        """The deployment's registry: ``PGKD_MODEL_STORE``, ``PGKD_REDIS_URL``, keys
+        under ``PGKD_APP_ID_PREFIX``."""
+        return cls(
+            settings.model_store,
+            settings.redis_url.get_secret_value(),
+            namespace=settings.app_id_prefix,
+            timeout_s=settings.redis_timeout_s,
+        )
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Registry(store={str(self.store)!r}, redis={self.redis_url!r}, namespace={self.namespace!r})"
+
+    def _key(self, name: str) -> str:
+        return f"{self.namespace}:registry:{name}"
+
+    @contextlib.contextmanager
+    def _redis_errors(self) -> Iterator[None]:
+        """Redis failures as one-line registry errors that name the URL, never the password."""
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            raise RegistryUnavailable(f"cannot reach the registry's Redis at {self.redis_url}: {_first_line(err)}") from None
+        except redis.RedisError as err:
+            raise RegistryError(f"the registry's Redis at {self.redis_url} failed: {_first_line(err)}") from None
+
+    # --- the store ----------------------------------------------------------------
+
+    def path(self, version: str) -> Path:
+        """The directory of a stored version; RegistryError when there is none."""
+        version_number(version)  # a name, not a path: "../x" never reaches the file system
+        path = self.store / version
+        if not path.is_dir():
+            raise RegistryError(f"no version {version} in the model store {self.store}")
+        return path
+
+    def versions(self) -> list[str]:
+        """Stored versions, oldest first (``.tmp-*`` directories of unfinished publishes are not versions)."""
+        if not self.store.is_dir():
+            return []
+        names = [p.name for p in self.store.iterdir() if VERSION_RE.match(p.name) and p.is_dir()]
+        return sorted(names, key=version_number)
+
+    def publish(
+        self, student: Student, *, parent: str | None, round: int, data: dict, metrics: dict, settings: dict
+    ) -> str:
+        """Store ``student`` as a new version and return its name. It does not serve
+        until :meth:`promote`."""
+        return self._publish(student.save, parent=parent, round=round, data=data, metrics=metrics, settings=settings)
+
+    def _publish(self, write: Callable[[Path], None], *, parent, round, data, metrics, settings) -> str:
+        if parent is not None:
+            version_number(parent)
+        if not isinstance(round, int) or round < 0:
+            raise ValueError(f"round must be an int >= 0, got {round!r}")
+        self.store.mkdir(parents=True, exist_ok=True)
+        tmp = self.store / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            write(tmp)
+            files = {name: sha256_file(tmp / name) for name in _files(tmp) if name != MANIFEST_FILE}
+            for name in files:
+                _fsync_file(tmp / name)
+            while True:
+                version = f"v{self._incr('version_seq'):04d}"
+                manifest = {
+                    "version": version,
+                    "parent": parent,
+                    "round": round,
+                    "data": data,
+                    "metrics": metrics,
+                    "settings": settings,
+                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                    "files": files,
+                }
+                _write_durably(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2, default=_json_default) + "\n")
+                _fsync_dir(tmp)
+                if _rename_new(tmp, self.store / version):
+                    break
+                # Another registry (a different namespace on a shared store, or a flushed
+                # Redis) already wrote this name: take the next number.
+                log.warning("model store %s already has %s; taking the next version number", self.store, version)
+            _fsync_dir(self.store)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("published %s (parent %s, round %d) in %s", version, parent, round, self.store)
+        return version
+
+    def import_dir(self, src: str | Path, *, parent: str | None = None, round: int = 0) -> str:
+        """Publish a directory written by ``pgkd train``/``pgkd distill``/``Student.save``
+        (e.g. ``runs/x/model``) as a new version: how a deployment gets its first one.
+        Metrics, data counts and settings come from a ``report.json`` beside it, if any."""
+        from pgkd.student import Student  # torch only when a model is really read
+
+        src = Path(src)
+        student = Student.load(src, device="cpu")  # refuses anything that is not a safetensors student
+        data, metrics, settings = _report_beside(src)
+        return self.publish(student, parent=parent, round=round, data=data, metrics=metrics, settings=settings)
+
+    def manifest(self, version: str) -> dict:
+        """The version's manifest.json (read, not verified)."""
+        path = self.path(version) / MANIFEST_FILE
+        if not path.is_file():
+            raise ModelIntegrityError(f"{version} refused: {MANIFEST_FILE} is missing in {path.parent}")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+                raise ValueError('no "files" object')
+        except (OSError, ValueError) as err:
+            raise ModelIntegrityError(
+                f"{version} refused: {MANIFEST_FILE} is unreadable ({_first_line(err)}) in {path.parent}"
+            ) from None
+        if manifest.get("version") != version:
+            raise ModelIntegrityError(
+                f"{version} refused: {MANIFEST_FILE} names version {manifest.get('version')!r} in {path.parent}"
+            )
+        return manifest
+
+    def verify(self, version: str) -> dict:
+        """The manifest, once every file matches its sha256 and no file is missing
+        or extra; otherwise ModelIntegrityError naming the first bad file."""
+        path = self.path(version)
+        manifest = self.manifest(version)
+        listed: dict[str, str] = manifest["files"]
+        present = set(_files(path)) - {MANIFEST_FILE}
+        missing = sorted(listed.keys() - present)
+        if missing:
+            raise ModelIntegrityError(
+                f"{version} refused: {missing[0]} is missing (listed in {MANIFEST_FILE}) in {path}"
+            )
+        extra = sorted(present - listed.keys())
+        if extra:
+            raise ModelIntegrityError(
+                f"{version} refused: {extra[0]} is not listed in {MANIFEST_FILE} (extra file) in {path}"
+            )
+        for name, expected in sorted(listed.items()):
+            found = sha256_file(path / name)
+            if found != expected:
+                raise ModelIntegrityError(
+                    f"{version} refused: {name} does not match its sha256 "
+                    f"(manifest {str(expected)[:12]}..., file {found[:12]}...) in {path}"
+                )
+        return manifest
+
+    def load(self, version: str, device=None) -> Student:
+        """The verified version as a :class:`Student` (checksums first, then weights)."""
+        from pgkd.student import Student
+
+        self.verify(version)
+        return Student.load(self.path(version), device=device)
+
+    def labels(self, version: str) -> list[str]:
+        """The version's label set, from its checksum-verified labels.json, without reading the weights."""
+        path = self.path(version) / LABELS_FILE
+        expected = self.manifest(version)["files"].get(LABELS_FILE)
+        if expected is None or not path.is_file():
+            raise ModelIntegrityError(f"{version} refused: {LABELS_FILE} is missing in {path.parent}")
+        if sha256_file(path) != expected:
+            raise ModelIntegrityError(f"{version} refused: {LABELS_FILE} does not match its sha256 in {path.parent}")
+        return list(json.loads(path.read_text(encoding="utf-8"))["labels"])
+
+    # --- the pointer --------------------------------------------------------------
+
+    def current(self) -> str | None:
+        """The version that serves, or None before the first promotion."""
+        with self._redis_errors():
+            return self._redis.get(self._key("current"))
+
+    def promote(self, version: str, *, reason: str, round: int | None = None) -> dict:
+        """Make ``version`` current, after verifying it; returns the history entry.
+
+        The pointer, the rollback stack and the history change in one MULTI/EXEC
+        (retried if another promotion races this one)."""
+        self.verify(version)  # a tampered or partial version never becomes current
+
+        def change(pipe: redis.client.Pipeline) -> dict:
+            previous = pipe.get(self._key("current"))
+            if previous == version:
+                raise RegistryError(f"{version} is already the current version")
+            entry = _entry("promote", version, previous, reason, round)
+            pipe.multi()
+            pipe.set(self._key("current"), version)
+            pipe.rpush(self._key("stack"), version)
+            pipe.ltrim(self._key("stack"), -STACK_DEPTH, -1)
+            pipe.rpush(self._key("history"), json.dumps(entry))
+            return entry
+
+        with self._redis_errors():
+            entry = self._redis.transaction(
+                change, self._key("current"), self._key("stack"), value_from_callable=True
+            )
+        log.info("promoted %s (was %s): %s", version, entry["previous"], reason)
+        return entry
+
+    def rollback(self, *, reason: str = "operator rollback") -> dict:
+        """Make current again the version that was current before the current one
+        (repeated rollbacks walk further back); returns the history entry."""
+        verified: set[str] = set()
+
+        def change(pipe: redis.client.Pipeline) -> dict:
+            current = pipe.get(self._key("current"))
+            stack = pipe.lrange(self._key("stack"), 0, -1)
+            while stack and stack[-1] == current:
+                stack.pop()
+            if not stack:
+                raise RegistryError(f"nothing to roll back to: {current or 'no version'} is the first promoted version")
+            target = stack[-1]
+            if target not in verified:  # WATCH retries re-run this; hash each version once
+                self.verify(target)
+                verified.add(target)
+            entry = _entry("rollback", target, current, reason, None)
+            pipe.multi()
+            pipe.delete(self._key("stack"))
+            pipe.rpush(self._key("stack"), *stack)
+            pipe.set(self._key("current"), target)
+            pipe.rpush(self._key("history"), json.dumps(entry))
+            return entry
+
+        with self._redis_errors():
+            entry = self._redis.transaction(
+                change, self._key("current"), self._key("stack"), value_from_callable=True
+            )
+        log.info("rolled back to %s (was %s): %s", entry["version"], entry["previous"], reason)
+        return entry
+
+    def history(self, limit: int = 50) -> list[dict]:
+        """The last ``limit`` promote/rollback entries, oldest first."""
+        return self._tail("history", limit)
+
+    # --- retrain rounds -----------------------------------------------------------
+
+    def next_round(self) -> int:
+        """A new round number (1, 2, ...), unique across trainers."""
+        return self._incr("round_seq")
+
+    def claim_round(self, request_id: str, ttl_s: int) -> bool:
+        """True for the one caller that may run this retrain request; the claim
+        expires after ``ttl_s`` so a request whose trainer died can run again."""
+        value = json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "ts": time.time()})
+        with self._redis_errors():
+            return bool(self._redis.set(self._key(f"claim:{request_id}"), value, nx=True, ex=int(ttl_s)))
+
+    def release_round(self, request_id: str) -> None:
+        """Drop a claim early (a failed round that should be retried at once)."""
+        with self._redis_errors():
+            self._redis.delete(self._key(f"claim:{request_id}"))
+
+    def record_round(self, record: dict) -> None:
+        """Append one round's record (passed, rejected or failed); ``ts`` is added when absent."""
+        if not isinstance(record.get("round"), int):
+            raise ValueError(f"a round record needs an int 'round', got {record.get('round')!r}")
+        if record.get("outcome") not in OUTCOMES:
+            raise ValueError(f"a round record's outcome must be one of {OUTCOMES}, got {record.get('outcome')!r}")
+        record = {**record, "ts": record.get("ts", time.time())}
+        blob = json.dumps(record, default=_json_default)
+        with self._redis_errors():
+            self._redis.rpush(self._key("rounds"), blob)
+
+    def rounds(self, limit: int = 50) -> list[dict]:
+        """The last ``limit`` round records, oldest first."""
+        return self._tail("rounds", limit)
+
+    # --- Redis helpers ------------------------------------------------------------
+
+    def _incr(self, name: str) -> int:
+        with self._redis_errors():
+            return int(self._redis.incr(self._key(name)))
+
+    def _tail(self, name: str, limit: int) -> list[dict]:
+        if limit <= 0:
+            return []
+        with self._redis_errors():
+            raw = self._redis.lrange(self._key(name), -limit, -1)
+        return [json.loads(item) for item in raw]
+
+
+def _entry(action: str, version: str, previous: str | None, reason: str, round: int | None) -> dict:
+    return {"action": action, "version": version, "previous": previous, "reason": reason, "round": round,
+            "ts": time.time()}
+
+
+def _files(root: Path) -> list[str]:
+    """Every file under ``root`` as a relative POSIX path, sorted."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _report_beside(model_dir: Path) -> tuple[dict, dict, dict]:
+    """(data, metrics, settings) from the ``report.json`` that ``pgkd train`` /
+    ``pgkd distill`` write next to ``model/``; empty dicts where there is none."""
+    settings: dict[str, Any] = {"imported_from": str(model_dir.resolve())}
+    path = model_dir.parent / "report.json"
+    if not path.is_file():
+        return {}, {}, settings
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        log.warning("ignoring %s: %s", path, err)
+        return {}, {}, settings
+    settings["report"] = str(path.resolve())
+    if isinstance(report.get("final"), dict):  # pgkd distill: headline numbers, data sizes, config
+        metrics = dict(report["final"].get("val") or {})
+        return dict(report.get("data") or {}), metrics, {**(report.get("config") or {}), **settings}
+    val = report.get("val") if isinstance(report.get("val"), dict) else {}  # pgkd train: the full report
+    data = {"train": (report.get("train") or {}).get("n"), "val": val.get("n")}
+    return {k: v for k, v in data.items() if v is not None}, dict(val), settings
+
+
+def _rename_new(src: Path, dst: Path) -> bool:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (False then). rename(2) is
+    atomic within one file system; it would replace an *empty* directory, hence
+    the check first."""
+    if dst.exists():
+        return False
+    try:
+        os.rename(src, dst)
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    return True
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the data files are already synced
+    finally:
+        os.close(fd)
+
+
+def _json_default(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # e.g. a TrainConfig
+        return dataclasses.asdict(obj)
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if isinstance(obj, (Path, os.PathLike)):
+        return str(obj)
+    if type(obj).__name__ == "device":  # torch.device
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
