@@ -81,7 +81,9 @@ class Settings(BaseSettings):
 
     # --- streaming workers (issue 4: streams/) ---------------------------------
     serve_model: str = Field(
-        "", description="directory written by Student.save() that classifier workers serve (until the registry)"
+        "",
+        description="directory written by Student.save() that workers serve when the registry has no current "
+        "version (or Redis is unreachable)",
     )
     app_id_prefix: str = Field(
         "pgkd",
@@ -107,6 +109,20 @@ class Settings(BaseSettings):
     teacher_cache_ttl_s: int = Field(30 * 86400, ge=0, description="lifetime of a cached teacher answer (0 = forever)")
     teacher_budget_recheck_s: float = Field(
         30.0, gt=0, description="while the budget is spent, how often the teacher worker checks it again"
+    )
+
+    # --- validation gate (issue 5: pgkd/gate.py) ---------------------------------
+    gate_min_macro_f1_gain: float = Field(
+        0.0, ge=-1, le=1, description="a candidate needs macro-F1 >= the current version's + this (may be < 0)"
+    )
+    gate_max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="a candidate may lose at most this much accuracy against the current version"
+    )
+    gate_min_support: int = Field(
+        5, ge=0, description="classes with at least this many validation examples are checked for an F1 drop"
+    )
+    gate_max_class_f1_drop: float = Field(
+        0.10, ge=0, le=1, description="no checked class may lose more F1 than this"
     )
 
     @model_validator(mode="after")

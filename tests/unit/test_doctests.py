@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["pgkd.data", "pgkd.report", "pgkd.mining", "pgkd.training"])
+@pytest.mark.parametrize("module", ["pgkd.data", "pgkd.report", "pgkd.mining", "pgkd.training", "pgkd.gate", "pgkd.registry"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
