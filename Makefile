@@ -33,11 +33,11 @@ services-down:
 DATASETS ?= ../shared/datasets
 DEMO_OUT ?= runs/b77
 SIM_PORT ?= 8089
+DISTILL_ARGS ?= --max-length 64 --lr 1e-4 --epochs 12 --cycle-epochs 4 --train-patience 3 --max-cycles 5
 distill-demo:
 	pgkd split --data $(DATASETS)/banking77/train.csv --test $(DATASETS)/banking77/test.csv \
 		--text-col text --label-col category --n-test 1000 --out $(DEMO_OUT)
 	pgkd teacher-sim --pool $(DEMO_OUT)/pool.csv --text-col text --label-col label --port $(SIM_PORT) & sim=$$!; \
 		trap 'kill $$sim 2>/dev/null' EXIT; \
 		pgkd distill --train $(DEMO_OUT)/train.csv --val $(DEMO_OUT)/val.csv --test $(DEMO_OUT)/test.csv \
-			--teacher-url http://127.0.0.1:$(SIM_PORT)/v1 --teacher-model teacher-sim --out $(DEMO_OUT) \
-			--max-length 64 --lr 1e-4 --epochs 12 --cycle-epochs 4 --train-patience 3 --max-cycles 5
+			--teacher-url http://127.0.0.1:$(SIM_PORT)/v1 --teacher-model teacher-sim --out $(DEMO_OUT) $(DISTILL_ARGS)
