@@ -65,6 +65,17 @@ class Settings(BaseSettings):
     top_k: int = Field(3, ge=1, description="labels carried in each output's top_k")
     max_text_chars: int = Field(5000, ge=1, description="longer texts go to the DLQ")
 
+    # --- drift of the classifier's outputs (issue 6: pgkd/drift.py) -------------
+    drift_enabled: bool = Field(True, description="classifier workers watch class/confidence drift")
+    drift_window: int = Field(
+        2000, ge=10, description="predictions per worker in the drift window (keep >= 10 x classes / threshold)"
+    )
+    drift_psi_threshold: float = Field(0.2, gt=0, description="PSI (class or confidence) above this is drift")
+    drift_cooldown_s: float = Field(
+        900.0, ge=0, description="minimum seconds between two drift alarms (shared by all workers through Redis)"
+    )
+    drift_bins: int = Field(10, ge=2, le=100, description="equal-width confidence bins of the drift histogram")
+
     # --- teacher --------------------------------------------------------------
     teacher_base_url: str = Field("http://127.0.0.1:8089/v1", description="OpenAI-compatible endpoint")
     teacher_model: str = Field("teacher-sim", description="model name sent to the endpoint")
