@@ -323,7 +323,9 @@ class Registry:
             while stack and stack[-1] == current:
                 stack.pop()
             if not stack:
-                raise RegistryError(f"nothing to roll back to: {current or 'no version'} is the first promoted version")
+                if current is None:
+                    raise RegistryError("nothing to roll back to: no version has been promoted")
+                raise RegistryError(f"nothing to roll back to: {current} is the first promoted version")
             target = stack[-1]
             if target not in verified:  # WATCH retries re-run this; hash each version once
                 self.verify(target)

@@ -1,8 +1,10 @@
-"""Which model the classifier workers serve, and its version.
+"""Which model the workers serve, and its version.
 
-:func:`load_serving_model` is the one place that decides it: today the
-directory named by ``PGKD_SERVE_MODEL``; the model registry replaces its body
-(current version pointer in Redis) without touching the workers.
+The registry decides: its current version (checksums verified before the
+weights are read). Only when the registry has no current version, or its Redis
+cannot be reached, do workers fall back to the directory named by
+``PGKD_SERVE_MODEL`` (a development and test convenience). A hot swap loads a
+named version with :func:`load_version`.
 """
 
 from __future__ import annotations
@@ -13,16 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pgkd.errors import ConfigError, ModelError
+from pgkd.errors import ConfigError, ModelError, RegistryUnavailable
+from pgkd.registry import MANIFEST_FILE, Registry
 
 if TYPE_CHECKING:
     from pgkd.settings import Settings
     from pgkd.student import Student
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FILE = "manifest.json"  # written by the registry: {"version": ..., ...}
-
 
 @dataclass(frozen=True)
 class ServingModel:
@@ -49,21 +49,66 @@ def model_version(path: Path) -> str:
     return path.resolve().name
 
 
+def current_version(settings: Settings) -> str | None:
+    """The registry's current version, or None to fall back to ``PGKD_SERVE_MODEL``.
+
+    None when the registry has no current version, or when its Redis does not
+    answer and ``PGKD_SERVE_MODEL`` is set (logged). ConfigError when there is
+    nothing to serve at all."""
+    with Registry.from_settings(settings) as registry:
+        try:
+            version = registry.current()
+        except RegistryUnavailable as err:
+            if not settings.serve_model:
+                raise ConfigError(f"no model to serve: PGKD_SERVE_MODEL is not set and {err}") from None
+            log.warning("%s; serving PGKD_SERVE_MODEL=%s instead", err, settings.serve_model)
+            return None
+        if version is None and not settings.serve_model:
+            raise ConfigError(
+                f"no model to serve: PGKD_SERVE_MODEL is not set and the registry ({registry.redis_url}, "
+                f"namespace {registry.namespace}) has no current version; "
+                "publish one with: pgkd models import DIR --promote"
+            )
+        return version
+
+
 def serve_path(settings: Settings) -> Path:
-    """The directory to serve; ConfigError when it is not set or not a directory (checked at start-up)."""
-    if not settings.serve_model:
-        raise ConfigError("PGKD_SERVE_MODEL is not set; point it at a directory written by Student.save()")
+    """The directory to serve: the registry's current version, else PGKD_SERVE_MODEL.
+    ConfigError/RegistryError when there is none (checked at start-up)."""
+    version = current_version(settings)
+    if version is not None:
+        with Registry.from_settings(settings) as registry:
+            return registry.path(version)
+    return _fallback_path(settings)
+
+
+def _fallback_path(settings: Settings) -> Path:
     path = Path(settings.serve_model)
     if not path.is_dir():
         raise ConfigError(f"PGKD_SERVE_MODEL={settings.serve_model} is not a directory")
     return path
 
 
+def load_version(settings: Settings, version: str) -> ServingModel:
+    """A stored registry version, verified, ready for ``predict_proba`` (the hot
+    swap's loader). ModelIntegrityError when a file does not match its checksum."""
+    with Registry.from_settings(settings) as registry:
+        student = registry.load(version)
+        path = registry.path(version)
+    log.info("serving model %s from %s (%d labels, device %s)", version, path, len(student.labels), student.device)
+    return ServingModel(student=student, version=version, path=path)
+
+
 def load_serving_model(settings: Settings) -> ServingModel:
-    """Load the model to serve, ready for ``predict_proba``. Raises ConfigError/ModelError."""
+    """Load the model to serve, ready for ``predict_proba``: the registry's current
+    version, else PGKD_SERVE_MODEL. Raises ConfigError/ModelError/RegistryError."""
+    version = current_version(settings)
+    if version is not None:
+        return load_version(settings, version)
+
     from pgkd.student import Student
 
-    path = serve_path(settings)
+    path = _fallback_path(settings)
     student = Student.load(path)
     version = model_version(path)
     log.info("serving model %s from %s (%d labels, device %s)", version, path, len(student.labels), student.device)
@@ -72,7 +117,11 @@ def load_serving_model(settings: Settings) -> ServingModel:
 
 def load_taxonomy(settings: Settings) -> list[str]:
     """The label set of the served model, without loading its weights (the teacher worker's taxonomy)."""
-    path = serve_path(settings) / "labels.json"
+    version = current_version(settings)
+    if version is not None:
+        with Registry.from_settings(settings) as registry:
+            return registry.labels(version)
+    path = _fallback_path(settings) / "labels.json"
     try:
         return list(json.loads(path.read_text(encoding="utf-8"))["labels"])
     except (OSError, ValueError, KeyError, TypeError) as err:
