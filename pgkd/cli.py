@@ -250,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulator_args(p)
     p.set_defaults(func=run_simulator)
 
+    from pgkd.registry_cli import add_models_parser
+
+    add_models_parser(sub)
+
     if importlib.util.find_spec("streams.cli") is not None:
         from streams.cli import add_worker_parser
 
