@@ -149,3 +149,62 @@ def test_constructor_names_bad_values():
         DriftMonitor(UNIFORM4, [0.5], window=10, min_samples=11)
     with pytest.raises(ValueError, match="3 labels but 2 confidences"):
         DriftMonitor(UNIFORM4, [0.5]).update(["a", "b", "c"], [0.5, 0.5])
+
+
+# --- the worker side: streams/drift_metrics.py (no Redis here; tests/integration/test_drift_alarm.py has it) ---
+
+
+def _sample(name: str, **labels: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def test_observe_exports_the_monitor():
+    from streams import drift_metrics
+
+    drift_metrics.clear()
+    before = _sample("pgkd_drift_alarms_total") or 0.0
+    monitor = _monitor(FakeClock(), min_samples=100)
+    monitor.update(*_shifted(50))
+    drift_metrics.observe(monitor)  # not ready: no PSI series yet
+    assert _sample("pgkd_drift_psi", kind="class") is None and _sample("pgkd_drift_alarm") == 0
+    monitor.update(*_shifted(50))
+    drift_metrics.observe(monitor)
+    assert _sample("pgkd_drift_psi", kind="class") == pytest.approx(monitor.psi_class)
+    assert _sample("pgkd_drift_psi", kind="confidence") == pytest.approx(monitor.psi_confidence)
+    assert _sample("pgkd_drift_kl", kind="class") == pytest.approx(monitor.kl_class)
+    assert _sample("pgkd_drift_alarm") == 1 and _sample("pgkd_drift_alarms_total") == before + 1
+    record = drift_metrics.alarm_record(monitor, "v0003", "host:1", now=5.0)
+    assert record["ts"] == 5.0 and record["psi"] == pytest.approx(max(monitor.psi_class, monitor.psi_confidence), abs=1e-6)
+    assert record["model_version"] == "v0003" and record["threshold"] == 0.2 and record["window"] == 100
+    drift_metrics.clear()
+    assert _sample("pgkd_drift_psi", kind="class") is None and _sample("pgkd_drift_alarm") == 0
+
+
+def test_watch_uses_the_manifest_reference_else_the_first_window(tmp_path):
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from pgkd.settings import Settings
+    from streams.drift_metrics import DriftWatch
+
+    settings = Settings(drift_window=100, drift_cooldown_s=60)
+    with_ref, without = tmp_path / "v1", tmp_path / "v2"
+    with_ref.mkdir(), without.mkdir()
+    reference = Reference(UNIFORM4, (0.85,) * 100)
+    (with_ref / "manifest.json").write_text(json.dumps({"version": "v1", "drift_reference": reference.to_dict()}))
+    watch = DriftWatch(settings, client=None, worker="test")
+
+    watch.reset(SimpleNamespace(version="v1", path=with_ref))
+    asyncio.run(watch.after_batch(*_shifted(100)))
+    assert watch.monitor.drifting and watch.monitor.alarms == 1
+
+    # a version without a reference: its first full window becomes the reference
+    watch.reset(SimpleNamespace(version="v2", path=without))
+    asyncio.run(watch.after_batch(*_shifted(60)))
+    asyncio.run(watch.after_batch(*_shifted(40)))
+    assert watch.monitor.n == 0 and not watch.monitor.drifting
+    asyncio.run(watch.after_batch(*_shifted(100)))
+    assert watch.monitor.psi_class == pytest.approx(0.0, abs=1e-6) and watch.monitor.alarms == 1
