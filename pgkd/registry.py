@@ -31,10 +31,11 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -104,9 +105,12 @@ class Registry:
         self.store = Path(store)
         self.namespace = namespace
         self.redis_url = redact_url(redis_url)  # the password never leaves the client
-        self._redis = redis.Redis.from_url(
-            redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
-        )
+        try:
+            self._redis = redis.Redis.from_url(
+                redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
+            )
+        except ValueError as err:
+            raise RegistryError(f"not a Redis URL: {self.redis_url} ({_first_line(err)})") from None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
@@ -189,7 +193,7 @@ class Registry:
                     "data": data,
                     "metrics": metrics,
                     "settings": settings,
-                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                    "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
                     "files": files,
                 }
                 _write_durably(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2, default=_json_default) + "\n")
@@ -358,7 +362,7 @@ class Registry:
     def claim_round(self, request_id: str, ttl_s: int) -> bool:
         """True for the one caller that may run this retrain request; the claim
         expires after ``ttl_s`` so a request whose trainer died can run again."""
-        value = json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "ts": time.time()})
+        value = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "ts": time.time()})
         with self._redis_errors():
             return bool(self._redis.set(self._key(f"claim:{request_id}"), value, nx=True, ex=int(ttl_s)))
 

@@ -17,7 +17,7 @@ import inspect
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pgkd.errors import ModelIntegrityError
 from pgkd.registry import Registry
@@ -247,5 +247,5 @@ def _num(value) -> str:
 def _when(ts) -> str:
     if not isinstance(ts, (int, float)):
         return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 

@@ -17,7 +17,12 @@ import redis
 
 from pgkd import registry as registry_module
 from pgkd.cli import main
-from pgkd.errors import ConfigError, ModelIntegrityError, RegistryError, RegistryUnavailable
+from pgkd.errors import (
+    ConfigError,
+    ModelIntegrityError,
+    RegistryError,
+    RegistryUnavailable,
+)
 from pgkd.registry import Registry
 from pgkd.serving import load_serving_model, load_taxonomy, load_version, serve_path
 from pgkd.settings import load_settings
@@ -106,8 +111,8 @@ def flip_byte(path: Path) -> None:
     "damage, expected",
     [
         (lambda p: flip_byte(p / "model.safetensors"),
-         r"v0001 refused: model\.safetensors does not match its sha256 \(manifest [0-9a-f]{12}\.\.\., "
-         r"file [0-9a-f]{12}\.\.\.\) in .*/store/v0001"),
+         (r"v0001 refused: model\.safetensors does not match its sha256 \(manifest [0-9a-f]{12}\.\.\., "
+          r"file [0-9a-f]{12}\.\.\.\) in .*/store/v0001")),
         (lambda p: (p / "tokenizer.json").unlink(),
          r"v0001 refused: tokenizer\.json is missing \(listed in manifest\.json\) in .*/store/v0001"),
         (lambda p: (p / "notes.txt").write_text("hello"),
@@ -294,12 +299,13 @@ def test_rounds_claims_and_numbers(registry):
 
 def test_an_unreachable_redis_is_one_line_without_the_password(store, free_port):
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
-    with Registry(store, url) as reg:
-        with pytest.raises(RegistryUnavailable) as info:
-            reg.current()
+    with Registry(store, url) as reg, pytest.raises(RegistryUnavailable) as info:
+        reg.current()
     message = str(info.value)
     assert message.startswith(f"cannot reach the registry's Redis at redis://:***@127.0.0.1:{url.split(':')[-1]}")
     assert "hunter2" not in message and "\n" not in message
+    with pytest.raises(RegistryError, match=r"^not a Redis URL: http://:\*\*\*@cache/0 \(.*\)$"):
+        Registry(store, "http://:hunter2@cache/0")
 
 
 # --- serving from the registry ----------------------------------------------------------
@@ -462,7 +468,7 @@ def test_cli_redis_unreachable_names_the_url_without_the_password(env, capsys, f
     port = free_port()
     env.setenv("PGKD_REDIS_URL", f"redis://:hunter2@127.0.0.1:{port}/0")
     for argv in (["models", "list"], ["models", "rounds"], ["models", "rollback"]):
-        code, out, err = run(capsys, *argv)
+        code, _, err = run(capsys, *argv)
         assert code == 2 and err.count("\n") == 1, err
         assert err.startswith(f"pgkd: error: cannot reach the registry's Redis at redis://:***@127.0.0.1:{port}/0: ")
         assert "hunter2" not in err
