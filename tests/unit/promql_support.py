@@ -4,6 +4,7 @@ the names the code exports."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -126,7 +127,8 @@ def _series_names(name: str, kind: str) -> set[str]:
     return {name}
 
 
-def exported_names() -> set[str]:
+@functools.cache
+def exported_names() -> frozenset[str]:
     """Series names the workers export (their prometheus_client registries), the
     curator/trainer contract of docs/METRICS.md, the kafka-exporter's and ``up``."""
     from prometheus_client import REGISTRY
@@ -140,7 +142,7 @@ def exported_names() -> set[str]:
     section = METRICS_DOC.read_text().split("## Curator and trainer", 1)[1].split("\n## ", 1)[0]
     for name, kind in re.findall(r"^\| `(pgkd_\w+)` \|\s*(\w+)\s*\|", section, flags=re.M):
         names |= _series_names(name, kind)
-    return names
+    return frozenset(names)
 
 
 def check_expressions(expressions: list[tuple[str, str]], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -120,3 +120,96 @@ def test_docker_compose_config_accepts_the_file():
         env={**os.environ, "GF_ADMIN_PASSWORD": "test-only"},
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- the application services (one image, four roles) ---------------------------------
+
+APP = {"classifier": "classify", "teacher": "teacher", "curator": "curator", "trainer": "trainer"}
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+
+
+def test_kafka_exporter_feeds_the_lag_alerts():
+    exporter = SERVICES["kafka-exporter"]
+    assert exporter["image"].startswith("danielqsj/kafka-exporter:")
+    assert "--kafka.server=kafka:29092" in exporter["command"]
+    assert exporter.get("healthcheck", {}).get("test") and exporter.get("restart") == "unless-stopped"
+
+
+@pytest.mark.parametrize("name,role", sorted(APP.items()))
+def test_app_service_runs_its_worker_from_the_image(name, role):
+    service = SERVICES[name]
+    assert service["build"]["dockerfile"] == "deploy/Dockerfile" and service["build"]["context"] == "."
+    assert service["command"] == ["worker", role]
+    assert service.get("restart") == "unless-stopped"
+    check = service["healthcheck"]["test"]
+    assert check[:3] == ["CMD", "python", "-c"] and "127.0.0.1:9100/metrics" in check[3]
+    env = environment(service)
+    assert env["PGKD_METRICS_HOST"] == "0.0.0.0" and env["PGKD_METRICS_PORT"] == "9100"
+    assert f"models:{env['PGKD_MODEL_STORE']}" in service["volumes"], "the shared model store"
+    assert {"kafka", "redis"} <= set(service["depends_on"])
+    assert any(f.get("path") == ".env" and f.get("required") is False for f in service["env_file"])
+
+
+def test_classifier_scales():
+    classifier = SERVICES["classifier"]
+    assert "container_name" not in classifier and "ports" not in classifier
+
+
+def test_trainer_reserves_a_gpu_and_has_a_cpu_variant():
+    (device,) = SERVICES["trainer"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "cu" in SERVICES["trainer"]["build"]["args"]["TORCH_INDEX"].rsplit("/", 1)[-1]
+    cpu = SERVICES["trainer-cpu"]
+    assert cpu["profiles"] == ["cpu"] and "deploy" not in cpu and cpu["command"] == ["worker", "trainer"]
+    assert cpu["networks"]["default"]["aliases"] == ["trainer"]  # Prometheus scrapes trainer:9100
+    assert "whl/cpu" in cpu["build"]["args"]["TORCH_INDEX"]
+
+
+def test_teacher_simulator_is_an_optional_profile():
+    sim = SERVICES["teacher-sim"]
+    assert sim["profiles"] == ["sim"] and sim["command"][0] == "teacher-sim" and "--host=0.0.0.0" in sim["command"]
+    assert environment(SERVICES["teacher"])["PGKD_TEACHER_BASE_URL"].endswith("teacher-sim:8089/v1}")
+
+
+def test_every_service_has_a_healthcheck_and_restart_policy():
+    for name, service in SERVICES.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
+        assert service.get("restart") in {"unless-stopped", "always", "on-failure"}, f"{name}: no restart policy"
+
+
+def test_pgkd_variables_are_settings():
+    from pgkd.settings import Settings
+
+    known = {f"PGKD_{name.upper()}" for name in Settings.model_fields}
+    for name, service in SERVICES.items():
+        unknown = {k for k in environment(service) if k.startswith("PGKD_")} - known
+        assert not unknown, f"{name}: {sorted(unknown)} are not settings (docs/CONFIG.md)"
+    example = (ROOT / ".env.example").read_text()
+    in_example = set(re.findall(r"^#?\s*(PGKD_[A-Z0-9_]+)=", example, flags=re.M))
+    assert in_example and in_example <= known, sorted(in_example - known)
+
+
+def test_prometheus_targets_are_compose_services():
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    names = set(SERVICES) | {alias for s in SERVICES.values()
+                             for net in (s.get("networks") or {}).values() for alias in (net or {}).get("aliases", [])}
+    for job in config["scrape_configs"]:
+        hosts = [t.rsplit(":", 1)[0] for sc in job.get("static_configs", []) for t in sc["targets"]]
+        hosts += [n for sd in job.get("dns_sd_configs", []) for n in sd["names"]]
+        for host in hosts:
+            assert host in names | {"localhost"}, f"job {job['job_name']}: {host} is no compose service"
+    mounts = SERVICES["prometheus"]["volumes"]
+    assert "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
+
+
+def test_dockerfile_builds_a_cpu_image_as_a_non_root_user():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", text, flags=re.M)
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+    assert '--index-url "${TORCH_INDEX}" torch' in text
+    assert re.search(r"pip install \.(\s|$)", text)
+    users = re.findall(r"^USER (\S+)", text, flags=re.M)
+    assert users and users[-1] not in {"root", "0"}
+    assert not re.search(r"^COPY .*(models|\.safetensors)", text, flags=re.M), "no weights baked into the image"
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignored[0] == "*" or "*" in ignored, ".dockerignore keeps the build context small"
