@@ -176,8 +176,11 @@ class DriftWatch:
             log.info("drift reference of %s: its first %d predictions (its manifest has no drift_reference)",
                      model.version, self.settings.drift_window)
 
-    async def after_batch(self, labels: Sequence[str], confidences: Sequence[float]) -> None:
-        """Feed one batch's student answers; export, and publish an alarm when one is raised."""
+    async def after_batch(self, labels: Sequence[str], confidences: Sequence[float], version: str | None = None) -> None:
+        """Feed one batch's student answers (of ``version``, when given: a batch
+        that finished after a swap is skipped); export, and publish an alarm when one is raised."""
+        if version is not None and version != self.version:
+            return
         if self._bootstrap is not None:
             seen_labels, seen_conf = self._bootstrap
             seen_labels.extend(labels)

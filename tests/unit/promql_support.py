@@ -52,7 +52,7 @@ def promtool() -> str:
 
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([promtool(), *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([promtool(), *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def alert_rules() -> list[dict]:
@@ -133,14 +133,14 @@ def exported_names() -> frozenset[str]:
     curator/trainer contract of docs/METRICS.md, the kafka-exporter's and ``up``."""
     from prometheus_client import REGISTRY
 
-    import streams.drift_metrics  # noqa: F401  # registers the drift metrics
+    import streams.drift_metrics  # registers the drift metrics
     import streams.metrics  # noqa: F401
 
     names = set(PROMETHEUS | KAFKA_EXPORTER)
     for family in REGISTRY.collect():
         names |= _series_names(family.name, family.type)
     section = METRICS_DOC.read_text().split("## Curator and trainer", 1)[1].split("\n## ", 1)[0]
-    for name, kind in re.findall(r"^\| `(pgkd_\w+)` \|\s*(\w+)\s*\|", section, flags=re.M):
+    for name, kind in re.findall(r"^\| `(pgkd_\w+)` \|\s*(\w+)\s*\|", section, flags=re.MULTILINE):
         names |= _series_names(name, kind)
     return frozenset(names)
 

@@ -185,7 +185,7 @@ def test_pgkd_variables_are_settings():
         unknown = {k for k in environment(service) if k.startswith("PGKD_")} - known
         assert not unknown, f"{name}: {sorted(unknown)} are not settings (docs/CONFIG.md)"
     example = (ROOT / ".env.example").read_text()
-    in_example = set(re.findall(r"^#?\s*(PGKD_[A-Z0-9_]+)=", example, flags=re.M))
+    in_example = set(re.findall(r"^#?\s*(PGKD_[A-Z0-9_]+)=", example, flags=re.MULTILINE))
     assert in_example and in_example <= known, sorted(in_example - known)
 
 
@@ -204,12 +204,12 @@ def test_prometheus_targets_are_compose_services():
 
 def test_dockerfile_builds_a_cpu_image_as_a_non_root_user():
     text = DOCKERFILE.read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", text, flags=re.M)
+    assert re.search(r"^FROM python:3\.11-slim\b", text, flags=re.MULTILINE)
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
     assert '--index-url "${TORCH_INDEX}" torch' in text
     assert re.search(r"pip install \.(\s|$)", text)
-    users = re.findall(r"^USER (\S+)", text, flags=re.M)
+    users = re.findall(r"^USER (\S+)", text, flags=re.MULTILINE)
     assert users and users[-1] not in {"root", "0"}
-    assert not re.search(r"^COPY .*(models|\.safetensors)", text, flags=re.M), "no weights baked into the image"
+    assert not re.search(r"^COPY .*(models|\.safetensors)", text, flags=re.MULTILINE), "no weights baked into the image"
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignored[0] == "*" or "*" in ignored, ".dockerignore keeps the build context small"

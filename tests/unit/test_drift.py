@@ -208,3 +208,5 @@ def test_watch_uses_the_manifest_reference_else_the_first_window(tmp_path):
     assert watch.monitor.n == 0 and not watch.monitor.drifting
     asyncio.run(watch.after_batch(*_shifted(100)))
     assert watch.monitor.psi_class == pytest.approx(0.0, abs=1e-6) and watch.monitor.alarms == 1
+    asyncio.run(watch.after_batch(*_steady(100), version="v1"))  # a batch the old version answered
+    assert watch.monitor.n == 100 and not watch.monitor.drifting
