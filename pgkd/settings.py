@@ -136,6 +136,60 @@ class Settings(BaseSettings):
         0.10, ge=0, le=1, description="no checked class may lose more F1 than this"
     )
 
+    # --- continual distillation: seed data, hot swap, curator, trainer (issue 5) --
+    seed_train: str = Field(
+        "", description="seed training file (CSV/JSONL): each round trains on it plus every accepted sample so far"
+    )
+    seed_val: str = Field("", description="gold validation file (CSV/JSONL): the gate scores both versions on it")
+    seed_test: str = Field(
+        "", description="optional test file (CSV/JSONL); its texts, like the validation texts, never enter training"
+    )
+    seed_text_col: str = Field("text", description="text column(s) of the seed files, comma-separated (joined)")
+    seed_label_col: str = Field("label", description="label column of the seed files")
+    model_poll_s: float = Field(
+        30.0, ge=0, description="classify workers also compare their version with the registry's current one this "
+        "often, in case an announcement on model.updates was missed (0 = announcements only)"
+    )
+    curator_batch_size: int = Field(
+        200, ge=1, description="accepted teacher-labelled samples that close a batch (-> one retrain request)"
+    )
+    curator_batch_window_s: float = Field(
+        3600.0, ge=0, description="a batch holding at least one sample closes this long after it opened (0 = off)"
+    )
+    curator_drift_trigger: bool = Field(
+        True, description="a drift alarm newer than the last retrain request closes a batch holding >= 1 sample"
+    )
+    curator_generate: int = Field(
+        32, ge=0, description="samples asked of the teacher per batch for the weakest classes (PGKD prompt; 0 = none)"
+    )
+    curator_target_classes: int = Field(8, ge=1, description="k weakest classes the generation is aimed at")
+    curator_n_examples: int = Field(
+        16, ge=1, description="correct / misclassified / hard-negative examples each in the generation prompt"
+    )
+    curator_min_class_count: int = Field(
+        3, ge=1, description="teacher labels a class needs before its live agreement counts in the weakest-class rank"
+    )
+    trainer_mode: str = Field(
+        "auto", pattern=r"^(auto|head|full)$",
+        description="full: fine-tune the whole student (GPU); head: encoder frozen, only the classification head "
+        "trained, on features computed once (CPU: seconds); auto: full on CUDA, head otherwise",
+    )
+    trainer_epochs: int = Field(10, ge=1, description="max epochs of a round (early stopping on validation macro-F1)")
+    trainer_batch_size: int = Field(64, ge=1, description="training batch size")
+    trainer_lr: float = Field(0.0, ge=0, description="peak learning rate (0 = 1e-4 full, 5e-3 head)")
+    trainer_patience: int = Field(3, ge=1, description="epochs without a validation gain before a round stops training")
+    trainer_device: str = Field("", description="torch device of the trainer ('' = CUDA > MPS > CPU)")
+    trainer_lock_ttl_s: float = Field(
+        30.0, ge=3, description="the single-trainer lock lapses this long after its holder stopped renewing it "
+        "(how long a killed trainer's successor waits)"
+    )
+    trainer_max_attempts: int = Field(
+        2, ge=1, description="tries of a round whose trainer died mid-round; after the last it is recorded as failed"
+    )
+    trainer_round_timeout_s: float = Field(
+        7200.0, gt=0, description="longest expected round: the request claim's TTL and the consumer's max poll interval"
+    )
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.kafka_security_protocol not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:

@@ -26,6 +26,7 @@ from pgkd.settings import Settings, load_settings
 from streams import metrics
 from streams.app import Topics, build_app, declare_topics
 from streams.delivery import Incoming, run_batches, send, start_or_exit
+from streams.hotswap import ModelWatcher
 from streams.schemas import DeadLetter, LabelOut, TeacherRequest
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class Classifier:
         self.swap(model)
 
     def swap(self, model: ServingModel) -> None:
+        """Serve ``model`` (loaded and warmed) from the next batch on; a batch in
+        flight finishes with the model it started with."""
         old, self.model = self.model, model
         if old is not None:
             metrics.MODEL_INFO.remove(old.version)
@@ -165,6 +168,13 @@ async def classify(stream):
     await topics.declare_all()
     await start_or_exit(classifier.start, "classify")
     await run_batches(stream, settings.batch_size, settings.batch_within_s, classifier.handle, "classify")
+
+
+@app.task
+async def follow_model_updates() -> None:
+    """model.updates (no consumer group) and the registry pointer -> hot swap between batches."""
+    served = lambda: classifier.model.version if classifier.model is not None else None  # noqa: E731
+    await ModelWatcher(settings, served, classifier.swap).run_forever()
 
 
 @app.task

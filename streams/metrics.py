@@ -36,6 +36,9 @@ END_TO_END = Histogram(
 )
 CONFIDENCE = Histogram("pgkd_confidence", "Max probability of student answers", buckets=_CONFIDENCE)
 MODEL_INFO = Gauge("pgkd_model_info", "1 for the model version this worker serves", ["model_version"])
+MODEL_LOAD_FAILURES = Counter(
+    "pgkd_model_load_failures", "Announced versions refused by a hot swap (the old one keeps serving)", ["reason"]
+)  # reason: checksum | not_found | load_error (streams.hotswap.LOAD_FAILURE_REASONS)
 
 # --- teacher ----------------------------------------------------------------------
 TEACHER_CALLS = Counter(
@@ -53,6 +56,21 @@ TEACHER_RATE_LIMITED = Counter("pgkd_teacher_rate_limited_seconds", "Seconds spe
 TEACHER_BUDGET_EXHAUSTED = Gauge("pgkd_teacher_budget_exhausted", "1 while the spend budget stops teacher calls")
 TEACHER_SPENT = Gauge("pgkd_teacher_spent_usd", "Total teacher spend (all workers, from Redis)")
 TEACHER_BUDGET = Gauge("pgkd_teacher_budget_usd", "The configured teacher spend budget")
+
+# --- curator and trainer (the continual distillation loop) ---------------------------
+# Retraining on a CPU takes seconds (head only) to an hour (full fine-tune).
+_RETRAIN_SECONDS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+RETRAIN_ROUNDS = Counter("pgkd_retrain_rounds", "Retrain rounds finished, by outcome", ["outcome"])
+GATE_MACRO_F1 = Gauge("pgkd_gate_macro_f1", "Validation macro-F1 of the last round's versions", ["model"])
+GATE_MARGIN = Gauge("pgkd_gate_margin", "Last round: candidate minus current, and the worst class F1 drop", ["metric"])
+GATE_CONSECUTIVE_REJECTIONS = Gauge("pgkd_gate_consecutive_rejections", "Rounds rejected in a row")
+RETRAIN_SECONDS = Histogram("pgkd_retrain_seconds", "Training wall time of one round", buckets=_RETRAIN_SECONDS)
+CLASS_F1 = Gauge("pgkd_class_f1", "Per-class validation F1 of the serving version", ["label"])
+CURRENT_MODEL_ROUND = Gauge("pgkd_current_model_round", "Round number of the serving version (0 = seed)")
+SAMPLES_GATHERED = Counter(
+    "pgkd_samples_gathered", "Samples accepted into the training data", ["label", "source"]
+)  # source: teacher | generated
+SAMPLES_DROPPED = Counter("pgkd_samples_dropped", "Samples not accepted into the training data", ["reason"])
 
 # --- both -------------------------------------------------------------------------
 DLQ = Counter("pgkd_dlq", "Records sent to texts.dlq", ["reason", "stage"])

@@ -22,7 +22,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from pgkd.data import LabelledTexts, load_labelled
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BANKING = Path(os.environ.get("PGKD_TEST_BANKING77", REPO_ROOT.parent / "shared" / "datasets" / "banking77"))
@@ -36,6 +39,14 @@ TOPIC_SETTINGS = {
     "retrain_requests": "PGKD_TOPIC_RETRAIN_REQUESTS",
     "model_updates": "PGKD_TOPIC_MODEL_UPDATES",
 }
+
+
+def banking(split: str) -> LabelledTexts:
+    """A Banking77 split (``train`` / ``test``); skips the test when the dataset is missing."""
+    path = BANKING / f"{split}.csv"
+    if not path.is_file():
+        pytest.skip(f"Banking77 not found at {path} (set PGKD_TEST_BANKING77)")
+    return load_labelled(path, ["text"], "category")
 
 
 def free_port() -> int:
@@ -199,9 +210,14 @@ class Collected:
     """Every record read so far, by topic: (key, parsed JSON value)."""
 
     records: dict[str, list[tuple[str, dict]]]
+    stamps: dict[str, list[float]] = field(default_factory=dict)  # Kafka timestamps (s), parallel to records
 
     def of(self, topic: str) -> list[dict]:
         return [value for _key, value in self.records.get(topic, [])]
+
+    def stamped(self, topic: str) -> list[tuple[float, dict]]:
+        """(the record's Kafka timestamp in seconds: when the broker got it, value), in reading order."""
+        return list(zip(self.stamps.get(topic, []), self.of(topic), strict=True))
 
 
 async def collect(
@@ -214,7 +230,7 @@ async def collect(
 ) -> Collected:
     """Read ``topics`` from the beginning until ``done`` (then ``linger_s`` more
     seconds, to catch duplicates); fails if a worker dies or time runs out."""
-    got = Collected({t: [] for t in topics})
+    got = Collected({t: [] for t in topics}, {t: [] for t in topics})
     consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                 group_id=None, fetch_max_bytes=8 * 1024 * 1024)
     await consumer.start()
@@ -227,6 +243,7 @@ async def collect(
             for tp, records in (await consumer.getmany(timeout_ms=300)).items():
                 for r in records:
                     got.records[tp.topic].append(((r.key or b"").decode(), json.loads(r.value)))
+                    got.stamps[tp.topic].append(r.timestamp / 1000)
             now = time.monotonic()
             if finished_at is None and done(got):
                 finished_at = now

@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import redis
 from streaming_support import (
-    BANKING,
-    StreamEnv,
+    banking,
     collect_sync,
     free_port,
     metric_sum,
@@ -30,7 +29,7 @@ from streaming_support import (
     text_message,
 )
 
-from pgkd.data import LabelledTexts, load_labelled, stratified_split
+from pgkd.data import stratified_split
 from pgkd.prompts import normalize_text
 from pgkd.simulator import SimulatorServer
 
@@ -42,13 +41,6 @@ N_STREAM = 2000
 # ~1e-6. A label may flip only where the top-2 probabilities are that close.
 NEAR_TIE = 1e-4
 THRESHOLD = 0.4  # about half of the probe's answers go to the teacher
-
-
-def _banking(split: str) -> LabelledTexts:
-    path = BANKING / f"{split}.csv"
-    if not path.is_file():
-        pytest.skip(f"Banking77 not found at {path} (set PGKD_TEST_BANKING77)")
-    return load_labelled(path, ["text"], "category")
 
 
 def _cache_dir(request, tmp_path_factory, name: str) -> Path:
@@ -75,12 +67,12 @@ def trained_student(request, tmp_path_factory):
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     root = _cache_dir(request, tmp_path_factory, "pgkd-stream-student")
     model_dir, probs_file = root / f"minilm-b77-probe-{key}", root / f"offline-probs-{key}.npy"
-    test = _banking("test")
+    test = banking("test")
     texts = list(test.texts[:N_STREAM])
     if not (model_dir / "labels.json").is_file() or not probs_file.is_file():
         torch.set_num_threads(2)
         torch.manual_seed(recipe["seed"])
-        data = _banking("train")
+        data = banking("train")
         _, seed = stratified_split(data, recipe["rows"] / len(data), seed=recipe["seed"])
         student = Student.from_pretrained(None, data.classes(), max_length=recipe["max_length"], device="cpu")
         index = {label: i for i, label in enumerate(student.labels)}
@@ -101,50 +93,6 @@ def trained_student(request, tmp_path_factory):
         np.save(probs_file, student.predict_proba(texts))  # offline: Student.predict_proba, its own batching
         tmp.rename(model_dir)
     return model_dir, np.load(probs_file), test
-
-
-@pytest.fixture(scope="session")
-def tiny_student(tmp_path_factory):
-    """A 2-layer, 32-wide random encoder with the Banking77 labels: fast to load and run."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from pgkd.student import Student, default_encoder_path
-
-    enc = tmp_path_factory.mktemp("tiny_encoder")
-    tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(enc, safe_serialization=True)
-    tokenizer.save_pretrained(enc)
-    labels = _banking("test").classes()
-    out = tmp_path_factory.mktemp("models") / "tiny-v1"
-    Student.from_pretrained(enc, labels, max_length=64, device="cpu").save(out)
-    return out
-
-
-@pytest.fixture
-def sim_pool():
-    return _banking("train")
-
-
-@pytest.fixture
-def stream(kafka_bootstrap, redis_db_url, unique_topic, tmp_path, request):
-    """A factory of StreamEnv for this test; stops every worker at the end and
-    prints their logs (shown when the test fails)."""
-    made: list[StreamEnv] = []
-
-    def make(model_dir: Path, **overrides) -> StreamEnv:
-        env = StreamEnv.make(kafka_bootstrap, redis_db_url, unique_topic, tmp_path, model_dir,
-                             kafka_session_timeout_s=10, **overrides)
-        made.append(env)
-        return env
-
-    yield make
-    for env in made:
-        env.stop_all()
-        print(env.logs())
 
 
 def _student(records: list[dict]) -> list[dict]:

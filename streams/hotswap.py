@@ -1,0 +1,168 @@
+"""Hot swap: a classifier worker follows the registry's current version.
+
+Every classifier worker must see every announcement, whatever its consumer
+group, so :class:`ModelWatcher` reads ``model.updates`` with a plain consumer
+*without a group*: it assigns itself every partition and starts at their end
+(announcements before the worker started are history; the worker loaded the
+registry's current version at start). On an announcement, and every
+``PGKD_MODEL_POLL_S`` seconds in case one was missed, it reads the pointer in
+Redis (the truth; the record's version only when Redis does not answer), loads
+and warms that version on its own thread while batches go on with the old
+model, and hands it to ``swap`` between batches.
+
+A version whose files do not match their checksums (or that cannot be loaded)
+is refused: logged, counted in ``pgkd_model_load_failures_total{reason}``, and
+the old version keeps serving. A refused version is not retried by the poll,
+only when it is announced again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pgkd.errors import ModelIntegrityError, ModelError, RegistryError, RegistryUnavailable
+from pgkd.registry import Registry
+from pgkd.serving import ServingModel, load_version
+from streams import metrics
+from streams.announce import ensure_topic, kafka_kwargs
+
+if TYPE_CHECKING:
+    from pgkd.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WARMUP_TEXT = "warm-up"  # one prediction before a version serves: lazy init is paid off the stream
+LOAD_FAILURE_REASONS = ("checksum", "not_found", "load_error")
+RESTART_DELAY_S = 5.0
+
+
+def failure_reason(err: Exception) -> str:
+    """The metric label of a refused version.
+
+    >>> failure_reason(ModelIntegrityError("v0003 refused: model.safetensors does not match its sha256"))
+    'checksum'
+    >>> failure_reason(RegistryError("no version v0009 in the model store models"))
+    'not_found'
+    """
+    if isinstance(err, ModelIntegrityError):
+        return "checksum"
+    if isinstance(err, RegistryError):
+        return "not_found"
+    return "load_error"
+
+
+class ModelWatcher:
+    """Keeps a worker on the registry's current version.
+
+    Args:
+        settings: the worker's settings (Kafka, Redis, model store, topic).
+        served: the version the worker serves now (None until its first model is loaded).
+        swap: installs a loaded, warmed model; called on the event loop, between batches.
+        loader: ``(settings, version) -> ServingModel`` (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        served: Callable[[], str | None],
+        swap: Callable[[ServingModel], None],
+        loader: Callable[[Settings, str], ServingModel] = load_version,
+    ):
+        self.settings = settings
+        self.served = served
+        self.swap = swap
+        self.loader = loader
+        self.refused: set[str] = set()
+        # its own thread: a load never waits behind inference, nor inference behind a load
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-model-load")
+        self._registry = Registry.from_settings(settings)
+
+    async def run_forever(self) -> None:
+        """:meth:`run`, restarted after a failure (the broker away, a bug): the
+        worker keeps serving its model meanwhile."""
+        while True:
+            try:
+                await self.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - log, wait, follow again; never take the worker down
+                log.exception("following %s failed; again in %.0fs", self.settings.topic_model_updates,
+                              RESTART_DELAY_S)
+                await asyncio.sleep(RESTART_DELAY_S)
+
+    async def run(self) -> None:
+        topic = self.settings.topic_model_updates
+        partitions = [TopicPartition(topic, p) for p in await ensure_topic(self.settings, topic)]
+        consumer = AIOKafkaConsumer(**kafka_kwargs(self.settings), group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="latest")
+        await consumer.start()
+        try:
+            consumer.assign(partitions)
+            await consumer.seek_to_end(*partitions)
+            log.info("following %s (%d partitions, no consumer group)", topic, len(partitions))
+            while self.served() is None:  # the worker's first model is still loading
+                await asyncio.sleep(0.1)
+            await self.reconcile("start")
+            poll_s = self.settings.model_poll_s
+            last = time.monotonic()
+            while True:
+                batches = await consumer.getmany(timeout_ms=1000)
+                records = [json.loads(r.value) for rs in batches.values() for r in rs if r.value]
+                if records:
+                    latest = max(records, key=lambda r: r.get("ts") or 0)
+                    log.info("model.updates: %s %s (reason: %s)", latest.get("action"), latest.get("version"),
+                             latest.get("reason"))
+                    await self.reconcile("announced", announced=latest.get("version"))
+                    last = time.monotonic()
+                elif poll_s and time.monotonic() - last >= poll_s:
+                    await self.reconcile("poll")
+                    last = time.monotonic()
+        finally:
+            await consumer.stop()
+
+    async def reconcile(self, why: str, announced: str | None = None) -> bool:
+        """Swap to the registry's current version if the worker serves another;
+        True when it swapped."""
+        loop = asyncio.get_running_loop()
+        try:
+            target = await loop.run_in_executor(self._executor, self._registry.current)
+        except RegistryUnavailable as err:
+            log.warning("%s; following the announcement (%s) instead", err, announced)
+            target = announced
+        if target is None or target == self.served():
+            return False
+        if why == "poll" and target in self.refused:
+            return False  # refused before; retried when it is announced again
+        log.info("loading %s (%s; serving %s)", target, why, self.served())
+        started = time.perf_counter()
+        try:
+            model = await loop.run_in_executor(self._executor, self._load_and_warm, target)
+        except (ModelError, RegistryError, OSError, RuntimeError, ValueError) as err:
+            reason = failure_reason(err)
+            metrics.MODEL_LOAD_FAILURES.labels(reason).inc()
+            self.refused.add(target)
+            log.error("refused model %s (%s): %s; still serving %s", target, reason, err, self.served())
+            return False
+        self.refused.discard(target)
+        previous = self.served()
+        self.swap(model)
+        log.info("swapped %s -> %s (loaded and warmed in %.1fs)", previous, model.version,
+                 time.perf_counter() - started)
+        return True
+
+    def _load_and_warm(self, version: str) -> ServingModel:
+        model = self.loader(self.settings, version)
+        model.student.predict_proba([WARMUP_TEXT], batch_size=1)
+        return model
+
+    def close(self) -> None:
+        self._registry.close()
+        self._executor.shutdown(wait=False)
