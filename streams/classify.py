@@ -26,6 +26,7 @@ from pgkd.settings import Settings, load_settings
 from streams import metrics
 from streams.app import Topics, build_app, declare_topics
 from streams.delivery import Incoming, run_batches, send, start_or_exit
+from streams.drift_metrics import DriftWatch
 from streams.hotswap import ModelWatcher
 from streams.schemas import DeadLetter, LabelOut, TeacherRequest
 
@@ -46,6 +47,7 @@ class Classifier:
         self.model: ServingModel | None = None
         # one thread: batches are sequential; torch parallelises inside a batch (PGKD_TORCH_THREADS)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-inference")
+        self.drift = DriftWatch.from_settings(settings)  # None when PGKD_DRIFT_ENABLED=false
 
     async def start(self) -> None:
         if self.model is not None:  # the agent restarts on rebalances; the model stays
@@ -65,6 +67,8 @@ class Classifier:
         if old is not None:
             metrics.MODEL_INFO.remove(old.version)
         metrics.MODEL_INFO.labels(model.version).set(1)
+        if self.drift is not None:
+            self.drift.reset(model)  # compare with this version's reference from now on
 
     async def _predict(self, model: ServingModel, texts: list[str]) -> list[np.ndarray | Exception]:
         """Probabilities per text, off the event loop. If the batch fails, each
@@ -106,6 +110,7 @@ class Classifier:
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.TEXTS_TOTAL.inc(len(batch))
         sends: list[Awaitable] = []
+        answered: list[tuple[str, float]] = []  # (label, confidence) for the drift window
         valid: list[tuple[Incoming, TextIn]] = []
         for msg in batch:
             parsed = parse_input(msg.value, self.settings.max_text_chars, self.settings.max_id_chars)
@@ -137,6 +142,7 @@ class Classifier:
             sends.append(send(self.topics.labels_out, item.id, out.dumps()))
             metrics.TEXTS_CLASSIFIED.labels(answer.label, model.version).inc()
             metrics.CONFIDENCE.observe(answer.confidence)
+            answered.append((answer.label, answer.confidence))
             latencies.append(msg.ts)
             if answer.needs_review:
                 metrics.LOW_CONFIDENCE.labels(model.version).inc()
@@ -153,6 +159,9 @@ class Classifier:
         for ts in latencies:
             if ts:
                 metrics.END_TO_END.labels("student").observe(max(0.0, now - ts))
+        if self.drift is not None and answered:  # Redis is written only when an alarm is raised
+            labels, confidences = zip(*answered)
+            await self.drift.after_batch(labels, confidences, version=model.version)
 
 
 settings = load_settings()

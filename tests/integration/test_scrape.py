@@ -1,6 +1,7 @@
 """A real Prometheus (the Debian package's binary) scrapes a running classify
 worker: what the worker counted while classifying is what Prometheus's HTTP API
-answers, and Prometheus loads the alert rules of deploy/prometheus."""
+answers (its drift gauges too), and Prometheus loads the alert rules of
+deploy/prometheus."""
 
 from __future__ import annotations
 
@@ -35,12 +36,15 @@ def _prometheus_binary() -> str:
 @pytest.fixture
 def env(kafka_bootstrap, redis_db_url, unique_topic, tiny_encoder_dir, tmp_path):
     """A StreamEnv serving the tiny random encoder with three labels (what it
-    answers does not matter here, only that it answers); stops the workers."""
+    answers does not matter here, only that it answers); stops the workers.
+    Small batches and a drift window of 10: the worker's first 12 answers become
+    its drift reference (no manifest), the next 12 fill a window."""
     from pgkd.student import Student
 
     model = tmp_path / "tiny-scrape"
     Student.from_pretrained(tiny_encoder_dir, ["card", "refund", "transfer"], max_length=32, device="cpu").save(model)
-    made = StreamEnv.make(kafka_bootstrap, redis_db_url, unique_topic, tmp_path, model, kafka_session_timeout_s=10)
+    made = StreamEnv.make(kafka_bootstrap, redis_db_url, unique_topic, tmp_path, model, kafka_session_timeout_s=10,
+                          batch_size=4, drift_window=10)
     yield made
     made.stop_all()
     print(made.logs())
@@ -128,6 +132,12 @@ def test_prometheus_scrapes_what_the_classifier_counted(env, tmp_path):
         assert prometheus.scalar('up{job="classifier"}') == 1
         assert prometheus.scalar("sum(pgkd_texts_total)") == N_TEXTS
         assert prometheus.scalar("sum(pgkd_model_info)") == 1
+        # drift: the stream is compared with its own first answers, so it reads ~0 and does not alarm
+        deadline = time.monotonic() + 15  # set after the last batch's records are acked: a scrape or two later
+        while (psi := prometheus.scalar('max(pgkd_drift_psi{kind="class"})')) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert psi is not None and psi < 0.2, psi
+        assert prometheus.scalar("max(pgkd_drift_alarm)") == 0
 
         # the alert rules load and evaluate in a real server
         groups = prometheus.get("/api/v1/rules")["groups"]
