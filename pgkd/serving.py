@@ -95,7 +95,9 @@ def load_version(settings: Settings, version: str) -> ServingModel:
     with Registry.from_settings(settings) as registry:
         student = registry.load(version)
         path = registry.path(version)
-    log.info("serving model %s from %s (%d labels, device %s)", version, path, len(student.labels), student.device)
+    student.optimize_for_inference(settings.inference_quantize)
+    log.info("serving model %s from %s (%d labels, device %s, %s)", version, path, len(student.labels),
+             student.device, student.quantize)
     return ServingModel(student=student, version=version, path=path)
 
 
@@ -109,9 +111,10 @@ def load_serving_model(settings: Settings) -> ServingModel:
     from pgkd.student import Student
 
     path = _fallback_path(settings)
-    student = Student.load(path)
+    student = Student.load(path).optimize_for_inference(settings.inference_quantize)
     version = model_version(path)
-    log.info("serving model %s from %s (%d labels, device %s)", version, path, len(student.labels), student.device)
+    log.info("serving model %s from %s (%d labels, device %s, %s)", version, path, len(student.labels),
+             student.device, student.quantize)
     return ServingModel(student=student, version=version, path=path)
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 LABELS_FILE = "labels.json"
 WEIGHTS_FILE = "model.safetensors"
 SHARDED_INDEX = "model.safetensors.index.json"  # what save_pretrained writes for large models
+QUANTIZE_MODES = ("fp32", "int8")  # Student.optimize_for_inference / PGKD_INFERENCE_QUANTIZE
 
 
 def default_encoder_path() -> Path:
@@ -55,6 +56,7 @@ class Student:
         self.tokenizer = tokenizer
         self.labels: list[str] = list(labels)  # index -> label name
         self.max_length = max_length
+        self.quantize = "fp32"  # set by optimize_for_inference(); an int8 student only serves
         self.device = torch.device("cpu")
         if device is not None:
             self.to(device)
@@ -129,6 +131,7 @@ class Student:
 
     def save(self, path: str | Path) -> None:
         """Write weights (safetensors), tokenizer and ``labels.json`` to ``path``."""
+        self._check_trainable("saved")
         path = Path(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -142,12 +145,44 @@ class Student:
 
     def clone(self) -> Student:
         """An independent copy of the weights (the tokenizer is shared: it is never changed)."""
-        return Student(copy.deepcopy(self.model), self.tokenizer, self.labels, self.max_length, self.device)
+        twin = Student(copy.deepcopy(self.model), self.tokenizer, self.labels, self.max_length, self.device)
+        twin.quantize = self.quantize
+        return twin
 
     def to(self, device) -> Student:
-        self.device = torch.device(device)
+        device = torch.device(device)
+        if self.quantize != "fp32" and device.type != "cpu":
+            raise ModelError(f"a {self.quantize} student runs on the CPU only, not on {device}")
+        self.device = device
         self.model.to(self.device)
         return self
+
+    def optimize_for_inference(self, quantize: str = "fp32") -> Student:
+        """Prepare the weights for serving, in place; returns ``self``.
+
+        ``"fp32"`` changes nothing. ``"int8"`` replaces the Linear layers of
+        every encoder layer but the last by dynamically quantized ones
+        (:func:`pgkd.inference_opt.quantize_encoder`): about 2x the fp32
+        throughput on a CPU (docs/BENCHMARKS.md). An int8 student runs on the CPU only and can no longer be
+        trained or saved: serve a copy, keep the fp32 one for training."""
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+        if quantize == self.quantize:
+            return self
+        if quantize == "fp32":  # the fp32 weights are gone
+            raise ModelError(f"a {self.quantize} student cannot go back to fp32; load the model again")
+        if self.device.type != "cpu":
+            raise ModelError(f"int8 quantization runs on the CPU only; this student is on {self.device}")
+        from pgkd.inference_opt import quantize_encoder
+
+        self.model.eval()
+        quantize_encoder(self.model)
+        self.quantize = quantize
+        return self
+
+    def _check_trainable(self, what: str) -> None:
+        if self.quantize != "fp32":
+            raise ModelError(f"a {self.quantize} student cannot be {what}; use the fp32 model it was made from")
 
     # --- using ------------------------------------------------------------------
 
@@ -187,6 +222,7 @@ class Student:
 
     def fit(self, train: LabelledTexts, val: LabelledTexts, cfg: TrainConfig) -> TrainResult:
         """Fine-tune in place; see :func:`pgkd.training.train`."""
+        self._check_trainable("trained")
         from pgkd.training import train as train_loop
 
         return train_loop(self, train, val, cfg)

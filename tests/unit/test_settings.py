@@ -44,3 +44,12 @@ def test_tooling_variables_are_not_settings(monkeypatch):
     monkeypatch.setenv("PGKD_TEST_BANKING77", "/data")
     monkeypatch.setenv("PGKD_SETUP_SKIP_PIP", "1")
     load_settings()
+
+
+def test_inference_quantize_is_fp32_or_int8(monkeypatch):
+    assert load_settings().inference_quantize == "fp32"  # serve the weights as trained unless asked
+    monkeypatch.setenv("PGKD_INFERENCE_QUANTIZE", "int8")
+    assert load_settings().inference_quantize == "int8"
+    monkeypatch.setenv("PGKD_INFERENCE_QUANTIZE", "int4")
+    with pytest.raises(ConfigError, match="^invalid setting PGKD_INFERENCE_QUANTIZE: Input should be 'fp32' or 'int8'$"):
+        load_settings()

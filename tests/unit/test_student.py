@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pgkd.errors import ModelError
+from pgkd.inference_opt import Int8Linear, quantize_linear_layers
 from pgkd.student import Student, default_encoder_path
 
 LABELS = ["neg", "neu", "pos"]
@@ -120,3 +121,63 @@ def test_the_real_default_encoder_predicts():
     probs = student.predict_proba(["I am still waiting on my card?", "What is the exchange rate?"])
     assert probs.shape == (2, 2)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+# --- optimize_for_inference (PGKD_INFERENCE_QUANTIZE) ---------------------------------
+
+
+def test_int8_predictions_stay_close_to_fp32(student):
+    fp32 = student.predict_proba(TEXTS)
+    int8 = student.clone().optimize_for_inference("int8")
+    assert int8.quantize == "int8" and student.quantize == "fp32"  # the clone is quantized, not the original
+    probs = int8.predict_proba(TEXTS)
+    assert probs.shape == fp32.shape and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs, fp32, atol=0.02)
+    # every encoder layer but the last is int8; the last layer, the pooler and the head stay fp32
+    first, last = int8.model.base_model.encoder.layer
+    assert all(type(m) is not torch.nn.Linear for m in first.modules())
+    assert any(isinstance(m, Int8Linear) for m in first.modules())
+    assert not any(isinstance(m, Int8Linear) for m in last.modules())
+    assert type(int8.model.base_model.pooler.dense) is torch.nn.Linear
+    assert type(int8.model.classifier) is torch.nn.Linear
+    assert int8.optimize_for_inference("int8") is int8  # idempotent: a second call changes nothing
+
+
+def test_fp32_changes_nothing(student):
+    before = student.predict_proba(TEXTS)
+    assert student.optimize_for_inference("fp32") is student
+    np.testing.assert_array_equal(student.predict_proba(TEXTS), before)
+
+
+def test_an_int8_student_only_serves(student, tmp_path):
+    student.optimize_for_inference("int8")
+    with pytest.raises(ModelError, match="^a int8 student cannot be saved; use the fp32 model it was made from$"):
+        student.save(tmp_path / "q")
+    with pytest.raises(ModelError, match="^a int8 student cannot be trained"):
+        student.fit(None, None, None)
+    with pytest.raises(ModelError, match="^a int8 student cannot go back to fp32; load the model again$"):
+        student.optimize_for_inference("fp32")
+    with pytest.raises(ModelError, match="^a int8 student runs on the CPU only, not on meta$"):
+        student.to("meta")
+
+
+def test_quantize_mode_is_validated(student):
+    with pytest.raises(ValueError, match="^quantize must be one of fp32, int8, got 'int4'$"):
+        student.optimize_for_inference("int4")
+
+
+@pytest.mark.parametrize("full_range", [True, False])
+def test_int8_linear_matches_fp32_within_quantization_error(full_range):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8, bias=False))
+    x = torch.randn(5, 7, 64)  # (batch, tokens, features), as in an encoder
+    with torch.inference_mode():
+        expected = model(x)
+        assert quantize_linear_layers(model, full_range=full_range) == 2
+        got = model(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert isinstance(model[0], Int8Linear) and model[0].full_range is full_range
+    # 8-bit inputs: ~1% of the output range; 7-bit: about twice that
+    tolerance = 0.02 if full_range else 0.04
+    assert (got - expected).abs().max() <= tolerance * expected.abs().max()
