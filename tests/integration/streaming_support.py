@@ -258,3 +258,37 @@ async def collect(
 
 def collect_sync(*args, **kwargs) -> Collected:
     return asyncio.run(collect(*args, **kwargs))
+
+
+# --- models ------------------------------------------------------------------------
+
+
+def probe_student(rows: int = 1000, steps: int = 200, lr: float = 1e-2, wd: float = 1e-4, max_length: int = 64,
+                  seed: int = 0):
+    """The default MiniLM student with only its head fitted on ``rows`` stratified
+    Banking77 train rows (encoder frozen: a linear probe on the pooled output, full
+    batch Adam). About a minute on two cores, ~77% test accuracy, confidences
+    over the whole range. Used by the streaming tests and bench/."""
+    import torch
+
+    from pgkd.data import stratified_split
+    from pgkd.student import Student
+
+    torch.manual_seed(seed)
+    data = banking("train")
+    _, sample = stratified_split(data, rows / len(data), seed=seed)
+    student = Student.from_pretrained(None, data.classes(), max_length=max_length, device="cpu")
+    index = {label: i for i, label in enumerate(student.labels)}
+    student.model.eval()
+    with torch.inference_mode():
+        features = torch.cat([student.model.base_model(**student.encode(sample.texts[i : i + 64])).pooler_output
+                              for i in range(0, len(sample), 64)])
+    features = features.clone()  # a normal tensor: inference-mode tensors cannot be saved for backward
+    targets = torch.tensor([index[label] for label in sample.labels])
+    head = student.model.classifier
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=wd)
+    for _ in range(steps):  # full batch: rows x 384 features
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(features), targets).backward()
+        opt.step()
+    return student

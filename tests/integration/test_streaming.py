@@ -24,12 +24,12 @@ from streaming_support import (
     collect_sync,
     free_port,
     metric_sum,
+    probe_student,
     produce,
     produce_sync,
     text_message,
 )
 
-from pgkd.data import stratified_split
 from pgkd.prompts import normalize_text
 from pgkd.simulator import SimulatorServer
 
@@ -61,8 +61,6 @@ def trained_student(request, tmp_path_factory):
     a hash of this recipe."""
     import torch
 
-    from pgkd.student import Student
-
     recipe = {"rows": 1000, "steps": 200, "lr": 1e-2, "wd": 1e-4, "max_length": 64, "seed": 0, "n": N_STREAM}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     root = _cache_dir(request, tmp_path_factory, "pgkd-stream-student")
@@ -71,23 +69,7 @@ def trained_student(request, tmp_path_factory):
     texts = list(test.texts[:N_STREAM])
     if not (model_dir / "labels.json").is_file() or not probs_file.is_file():
         torch.set_num_threads(2)
-        torch.manual_seed(recipe["seed"])
-        data = banking("train")
-        _, seed = stratified_split(data, recipe["rows"] / len(data), seed=recipe["seed"])
-        student = Student.from_pretrained(None, data.classes(), max_length=recipe["max_length"], device="cpu")
-        index = {label: i for i, label in enumerate(student.labels)}
-        student.model.eval()
-        with torch.inference_mode():
-            features = torch.cat([student.model.bert(**student.encode(seed.texts[i : i + 64])).pooler_output
-                                  for i in range(0, len(seed), 64)])
-        features = features.clone()  # a normal tensor: inference-mode tensors cannot be saved for backward
-        targets = torch.tensor([index[label] for label in seed.labels])
-        head = student.model.classifier
-        opt = torch.optim.Adam(head.parameters(), lr=recipe["lr"], weight_decay=recipe["wd"])
-        for _ in range(recipe["steps"]):  # full batch: 1,000 x 384 features
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(head(features), targets).backward()
-            opt.step()
+        student = probe_student(**{k: v for k, v in recipe.items() if k != "n"})
         tmp = model_dir.with_name(model_dir.name + ".tmp")
         student.save(tmp)
         np.save(probs_file, student.predict_proba(texts))  # offline: Student.predict_proba, its own batching
