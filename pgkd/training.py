@@ -4,6 +4,10 @@ seed gives the same weights.
 
 Calling :func:`train` again on a trained student continues from its weights
 with a fresh optimizer and schedule (what each PGKD cycle does).
+
+:func:`train_head` is the CPU mode of the same loop: the encoder stays frozen
+and only the classification head learns, on the head's inputs computed once,
+so an epoch costs almost nothing (the streaming trainer's ``head`` mode).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from pgkd.errors import ConfigError, DataError
+from pgkd.errors import ConfigError, DataError, ModelError
 from pgkd.report import classification_report
 
 if TYPE_CHECKING:
@@ -184,6 +189,115 @@ def train(student: Student, train: LabelledTexts, val: LabelledTexts, cfg: Train
     else:
         best_epoch = len(history)  # no validation: the last weights are the result
     model.eval()
+    return TrainResult(
+        best_epoch=best_epoch,
+        best_val_macro_f1=best_f1,
+        epochs_run=len(history),
+        history=history,
+        seconds=time.perf_counter() - started,
+        device=str(device),
+    )
+
+
+def head_features(student: Student, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """What the classification head (``model.classifier``) receives for each text,
+    in eval mode (no dropout): ``(len(texts), hidden)``, on the student's device.
+    ModelError when the head does not take one vector per text."""
+    captured: list[torch.Tensor] = []
+    hook = student.model.classifier.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+    # batches of similar length pad less (as Student.predict_proba does); rows go back to input order below
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    student.model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                student.model(**student.encode([texts[i] for i in order[start : start + batch_size]]))
+    finally:
+        hook.remove()
+    if not captured or any(c.ndim != 2 for c in captured):
+        raise ModelError(f"{type(student.model).__name__}.classifier does not take one vector per text; "
+                         "train the whole model instead")
+    features = torch.empty_like(torch.cat(captured))  # a normal tensor: inference-mode ones cannot be saved for backward
+    features[torch.as_tensor(order, device=features.device)] = torch.cat(captured)
+    return features
+
+
+def train_head(student: Student, train: LabelledTexts, val: LabelledTexts, cfg: TrainConfig) -> TrainResult:
+    """Like :func:`train`, with the encoder frozen: only ``model.classifier`` learns.
+
+    The head's inputs are computed once for the training and validation texts
+    (one forward pass each), then every epoch runs on them: seconds on a CPU
+    where a full fine-tune takes minutes. Same optimizer, schedule, early
+    stopping and best-weights restore as :func:`train`.
+    """
+    if len(train) == 0:
+        raise DataError("the training set is empty")
+    unknown = sorted((set(train.labels) | set(val.labels)) - set(student.labels))
+    if unknown:
+        raise DataError(f"labels the student has no output for: {', '.join(map(repr, unknown[:5]))}")
+
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.device) if cfg.device else select_device()
+    student.to(device)
+    head = student.model.classifier
+    x_train = head_features(student, train.texts, cfg.batch_size)  # (n, hidden)
+    x_val = head_features(student, val.texts, cfg.batch_size) if len(val) else None
+    index = {label: i for i, label in enumerate(student.labels)}
+    y = torch.tensor([index[label] for label in train.labels], device=device)  # (n,)
+
+    weight = class_weights(y.cpu(), len(student.labels)).to(device) if cfg.class_weighted else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    decay = [p for p in head.parameters() if p.ndim >= 2]
+    no_decay = [p for p in head.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    shuffler = torch.Generator().manual_seed(cfg.seed)
+
+    history: list[dict] = []
+    best_f1, best_epoch, best_state, bad_epochs = None, 0, None, 0
+    for epoch in range(1, cfg.epochs + 1):
+        epoch_started, losses = time.perf_counter(), []
+        head.train()
+        for batch in torch.randperm(len(train), generator=shuffler).split(cfg.batch_size):
+            batch = batch.to(device)
+            loss = loss_fn(head(x_train[batch]), y[batch])  # (batch, C) logits
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0]}
+        if x_val is not None:
+            head.eval()
+            with torch.inference_mode():
+                probs = torch.softmax(head(x_val).float(), dim=-1).cpu().numpy()
+            gold = np.array([index[label] for label in val.labels])
+            scores = classification_report(val.labels, [student.labels[i] for i in probs.argmax(1)], student.labels)
+            row |= {"val_loss": float(-np.log(probs[np.arange(len(gold)), gold].clip(min=1e-12)).mean()),
+                    "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
+        row["seconds"] = time.perf_counter() - epoch_started
+        history.append(row)
+        if x_val is None:
+            continue
+        if best_f1 is None or row["val_macro_f1"] > best_f1:
+            best_f1, best_epoch, bad_epochs = row["val_macro_f1"], epoch, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                break
+
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    else:
+        best_epoch = len(history)
+    student.model.eval()
     return TrainResult(
         best_epoch=best_epoch,
         best_val_macro_f1=best_f1,

@@ -1,7 +1,7 @@
 """``pgkd worker <role>``: run one streaming worker in this process.
 
-The same workers run as ``faust -A streams.classify worker`` and
-``faust -A streams.teacher_agent worker``; this entry point checks the settings
+The same workers run as ``faust -A streams.<module> worker`` (``classify``,
+``teacher_agent``, ``curator``, ``trainer``); this entry point checks the settings
 first, so a bad ``PGKD_*`` variable is one line on stderr, not a traceback.
 """
 
@@ -14,11 +14,13 @@ import importlib
 ROLES = {
     "classify": ("streams.classify", "classify texts.in into labels.out; low confidence -> teacher.requests"),
     "teacher": ("streams.teacher_agent", "label teacher.requests with the LLM teacher (cache, rate limit, budget)"),
+    "curator": ("streams.curator", "teacher.labels -> training samples; a retrain request per full batch"),
+    "trainer": ("streams.trainer", "retrain.requests -> retrain, validation gate, registry, model.updates"),
 }
 
 
 def add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``worker classify`` and ``worker teacher`` on the ``pgkd`` parser."""
+    """Register ``worker classify|teacher|curator|trainer`` on the ``pgkd`` parser."""
     parser = subparsers.add_parser(
         "worker",
         help="run a streaming worker (Faust); configured by PGKD_* variables",

@@ -75,6 +75,51 @@ class TeacherLabel(faust.Record, serializer="json", include_metadata=False):
     ts: float  # of the texts.in message
     labelled_at: float  # when the teacher answered (a cached answer keeps its first time)
 
+    @classmethod
+    def parse(cls, raw: bytes | None) -> TeacherLabel | str:
+        """A teacher.labels value -> the Record, or why it cannot be read (the curator counts it)."""
+        try:
+            obj = json.loads(raw or b"")
+            if not isinstance(obj, dict):
+                return f"expected a JSON object, got {type(obj).__name__}"
+            record = cls.from_data(obj)
+            record.student_confidence = float(record.student_confidence)
+        except (ValueError, TypeError, KeyError) as err:
+            return f"unreadable teacher label: {type(err).__name__}: {err}"
+        if not all(isinstance(v, str) and v for v in (record.id, record.text, record.label)):
+            return "a teacher label needs a string id, text and label"
+        return record
+
+
+class RetrainRequest(faust.Record, serializer="json", include_metadata=False):
+    """``retrain.requests``, key = request_id: a closed batch of samples, for the trainer."""
+
+    request_id: str
+    round: int  # from the registry's round counter
+    samples_upto: str  # the trainer trains on the seed set + every accepted sample up to this sample-stream id
+    since: str  # this batch's samples follow this sample-stream id ("0-0": the first batch)
+    trigger: str  # "size" | "window" | "drift"
+    counts: dict  # teacher / generated: in this batch; total_teacher / total_generated: accepted so far
+    target_classes: list  # the weakest classes the generation aimed at
+    generation: dict  # requested, accepted, rejected (by reason), cost_usd, skipped (why no samples were asked; null)
+    model_version: Optional[str]  # the serving version the batch was judged against
+    ts: float  # when the batch closed
+
+    @classmethod
+    def parse(cls, raw: bytes | None) -> RetrainRequest | str:
+        """A retrain.requests value -> the Record, or why it cannot be read."""
+        try:
+            obj = json.loads(raw or b"")
+            if not isinstance(obj, dict):
+                return f"expected a JSON object, got {type(obj).__name__}"
+            request = cls.from_data(obj)
+            int(request.round)
+        except (ValueError, TypeError, KeyError) as err:
+            return f"unreadable retrain request: {type(err).__name__}: {err}"
+        if not isinstance(request.request_id, str) or not request.request_id:
+            return "a retrain request needs a string request_id"
+        return request
+
 
 class DeadLetter(faust.Record, serializer="json", include_metadata=False):
     """``texts.dlq``, key = id when known, else ``topic:partition:offset``."""

@@ -1,0 +1,104 @@
+"""RoundRunner on a real Redis and registry, with a tiny model and rounds that
+are stubbed where a test needs a crash: every request ends recorded once
+(promoted, rejected or failed), whatever happened to the trainer before."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from pgkd import retrain
+from pgkd.curation import Sample
+from pgkd.data import LabelledTexts
+from pgkd.gate import GateConfig
+from pgkd.registry import Registry
+from pgkd.retrain import RoundConfig, RoundLedger, RoundRunner, SeedData
+from pgkd.training import TrainConfig
+
+pytestmark = pytest.mark.integration
+
+LABELS = ["card_lost", "refund", "top_up"]
+TRAIN = LabelledTexts(("lost my card", "card stolen", "want my money back", "refund please", "top up failed",
+                       "add money"), ("card_lost", "card_lost", "refund", "refund", "top_up", "top_up"))
+VAL = LabelledTexts(("my card is gone", "return my money", "topping up"), ("card_lost", "refund", "top_up"))
+
+
+@pytest.fixture
+def setup(tmp_path, redis_db_url, tiny_encoder_dir):
+    from pgkd.student import Student
+
+    registry = Registry(tmp_path / "store", redis_db_url, namespace="t")
+    seed = registry.publish(Student.from_pretrained(tiny_encoder_dir, LABELS, max_length=32, device="cpu"),
+                            parent=None, round=0, data={}, metrics={}, settings={})
+    registry.promote(seed, reason="seed", round=0)
+    ledger = RoundLedger(redis.Redis.from_url(redis_db_url, decode_responses=True), "t")
+    cfg = RoundConfig("full", TrainConfig(epochs=2, batch_size=4, lr=1e-3, progress=False, device="cpu"),
+                      GateConfig(min_macro_f1_gain=-1.0, max_accuracy_drop=1.0, max_class_f1_drop=1.0))
+    runner = RoundRunner(registry, ledger, SeedData(TRAIN, VAL), cfg, max_attempts=2, claim_ttl_s=60)
+    yield registry, ledger, runner, seed
+    registry.close()
+
+
+def request(n: int) -> dict:
+    return {"request_id": f"t-round-{n}", "round": n, "samples_upto": "0-0", "trigger": "size"}
+
+
+def test_a_round_runs_once_and_a_redelivery_is_skipped(setup):
+    registry, ledger, runner, seed = setup
+    samples = [Sample("x1", "card missing since monday", "card_lost", "teacher", "sim", seed, 0.0, "refund", 0.6)]
+    result = runner.process(request(1), samples)
+    assert result.record["outcome"] == "promoted" and result.record["attempts"] == 1  # the gate lets all pass here
+    assert result.record["data"] == {"seed": 6, "teacher": 1, "generated": 0, "dropped": 0, "train": 7, "val": 3}
+    assert registry.current() == result.record["candidate"] == result.promotion["version"]
+    assert ledger.get("t-round-1")["status"] == "promoted"
+    assert runner.process(request(1), samples).record is None  # redelivered: skipped, recorded once
+    assert [r["round"] for r in registry.rounds()] == [1]
+
+
+def test_an_exception_mid_round_is_recorded_as_failed(setup, monkeypatch):
+    registry, ledger, runner, seed = setup
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory\nmore lines")
+
+    monkeypatch.setattr(retrain, "run_round", boom)
+    result = runner.process(request(2), [])
+    assert result.record["outcome"] == "failed"
+    assert result.record["error"] == "RuntimeError: CUDA out of memory"
+    assert registry.current() == seed and ledger.get("t-round-2")["status"] == "failed"
+
+
+def test_a_round_whose_trainer_died_is_retried_then_failed_after_max_attempts(setup, monkeypatch):
+    registry, ledger, runner, seed = setup
+    # what a trainer killed mid-round leaves: the ledger says running, the claim is held
+    ledger.put("t-round-3", {"status": "running", "round": 3, "attempts": 2, "by": "host:1"})
+    assert registry.claim_round("t-round-3", 60)
+    monkeypatch.setattr(retrain, "run_round", lambda *a, **k: pytest.fail("max attempts reached: no third try"))
+    result = runner.process(request(3), [])
+    assert result.record["outcome"] == "failed" and result.record["attempts"] == 2
+    assert "stopped mid-round 2 time(s)" in result.record["error"]
+    assert registry.current() == seed
+
+    monkeypatch.undo()
+    ledger.put("t-round-4", {"status": "running", "round": 4, "attempts": 1, "by": "host:1"})
+    assert registry.claim_round("t-round-4", 60)
+    retried = runner.process(request(4), [])  # one attempt left: the round runs again, to its end
+    assert retried.record["attempts"] == 2 and retried.record["outcome"] == "promoted"
+
+
+def test_a_trainer_that_died_after_promoting_is_not_run_again(setup, monkeypatch):
+    registry, ledger, runner, seed = setup
+    from pgkd.student import Student
+
+    candidate = registry.publish(Student.load(registry.path(seed)), parent=seed, round=5, data={}, metrics={},
+                                 settings={})
+    record = {"round": 5, "outcome": "promoted", "request_id": "t-round-5", "candidate": candidate, "current": seed,
+              "metrics": {}, "gate": {"passed": True}, "reason": "passed"}
+    ledger.put("t-round-5", {"status": "running", "round": 5, "attempts": 1, "candidate": candidate,
+                             "record": record})
+    registry.promote(candidate, reason="round 5", round=5)  # ... and then the trainer died
+    monkeypatch.setattr(retrain, "run_round", lambda *a, **k: pytest.fail("the round was done: no retraining"))
+    result = runner.process(request(5), [])
+    assert result.record["outcome"] == "promoted" and result.promotion["version"] == candidate
+    assert [r["round"] for r in registry.rounds()] == [5]
+    assert [e["version"] for e in registry.history()] == [seed, candidate]
