@@ -266,3 +266,44 @@ def test_trainer_killed_mid_round_retries_it_and_never_points_at_a_partial_versi
     current = registry.current()
     assert current == (record["candidate"] if record["outcome"] == "promoted" else seed_version)
     registry.verify(current)
+
+
+def test_curator_with_the_budget_spent_still_requests_a_round_and_says_why(
+        stream, loop_data, tiny_encoder_dir, tmp_path, redis_db_url):
+    """Teacher labels straight into teacher.labels (no classifier): duplicates and
+    validation/test texts are dropped and counted; with no budget left the batch
+    closes without generated samples, and the request says why."""
+    from pgkd.student import Student
+    from streams.schemas import TeacherLabel
+
+    env = stream(tmp_path, model_store=tmp_path / "models", seed_train=loop_data.seed_train,
+                 seed_val=loop_data.seed_val, seed_test=loop_data.seed_test, curator_batch_size=20,
+                 curator_generate=10, teacher_budget_usd=0, curator_drift_trigger="false")
+    registry = Registry(tmp_path / "models", redis_db_url, namespace=env.env["PGKD_APP_ID_PREFIX"])
+    seed_version = registry.publish(Student.from_pretrained(tiny_encoder_dir, CLASSES, max_length=64, device="cpu"),
+                                    parent=None, round=0, data={}, metrics={}, settings={})
+    registry.promote(seed_version, reason="seed", round=0)
+
+    def label(ident: str, text: str, gold: str) -> tuple[bytes, bytes]:
+        record = TeacherLabel(id=ident, text=text, label=gold, teacher_model="teacher-sim", usage={},
+                              student_label=CLASSES[0], student_confidence=0.3, model_version=seed_version,
+                              ts=time.time(), labelled_at=time.time())
+        return ident.encode(), record.dumps()
+
+    texts = list(zip(loop_data.stream.texts[:20], loop_data.stream.labels[:20], strict=True))
+    messages = [label(f"s{i}", text, gold) for i, (text, gold) in enumerate(texts)]
+    messages.append(label("again", texts[0][0].upper(), texts[0][1]))  # the same text, another id
+    messages.append(label("val", loop_data.val.texts[0], loop_data.val.labels[0]))  # a validation text
+    curator = env.start("curator")
+    produce_sync(env.bootstrap, env.topics["teacher_labels"], messages)
+    got = collect_sync(env.bootstrap, [env.topics["retrain_requests"]],
+                       lambda g: bool(g.of(env.topics["retrain_requests"])), timeout_s=120, workers=[curator],
+                       linger_s=2)
+    (request,) = got.of(env.topics["retrain_requests"])
+    assert request["counts"]["teacher"] == 20 and request["counts"]["generated"] == 0
+    assert request["generation"]["skipped"].startswith("teacher budget exhausted ($0.0000 of $0 spent)")
+    assert request["round"] == 1 and request["trigger"] == "size"
+    m = curator.metrics()
+    assert metric_sum(m, "pgkd_samples_gathered_total", source="teacher") == 20
+    assert metric_sum(m, "pgkd_samples_dropped_total", reason="duplicate") == 1
+    assert metric_sum(m, "pgkd_samples_dropped_total", reason="eval_collision") == 1
