@@ -66,8 +66,15 @@ class Settings(BaseSettings):
     )
 
     # --- classifier agent -----------------------------------------------------
-    batch_size: int = Field(64, ge=1, description="texts per inference batch (stream.take n)")
-    batch_within_s: float = Field(0.05, gt=0, description="max seconds to wait while filling a batch")
+    batch_size: int = Field(64, ge=1, description="messages per classifier batch (stream.take n)")
+    inference_batch_size: int = Field(
+        16, ge=1, description="texts per forward pass: a batch is sorted by length and run in passes of this many "
+        "(less padding; 16 measured best on a CPU, docs/BENCHMARKS.md)"
+    )
+    batch_within_s: float = Field(
+        0.01, gt=0, description="max seconds to wait while filling a batch (Faust waits this long after every batch "
+        "that is not full: it adds to the latency at low rates, docs/BENCHMARKS.md)"
+    )
     low_conf_threshold: float = Field(0.5, ge=0, le=1, description="max probability below this -> teacher")
     margin_threshold: float = Field(0.0, ge=0, le=1, description="top1 - top2 below this -> teacher (0 = off)")
     top_k: int = Field(3, ge=1, description="labels carried in each output's top_k")

@@ -205,7 +205,8 @@ class Student:
         # Character length is a cheap, good proxy for token length.
         order = np.argsort([len(t) for t in texts], kind="stable")
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # eval()/train() walk every module: a cost per call a serving model need not pay
+            self.model.eval()
         try:
             with torch.inference_mode():
                 for start in range(0, len(texts), batch_size):
@@ -213,7 +214,8 @@ class Student:
                     logits = self.model(**self.encode([texts[i] for i in idx])).logits  # (batch, C)
                     out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
         return out
 
     def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[str]:

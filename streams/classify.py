@@ -76,7 +76,7 @@ class Classifier:
         and the others are answered."""
         loop = asyncio.get_running_loop()
         predict = model.student.predict_proba
-        size = self.settings.batch_size
+        size = self.settings.inference_batch_size
         try:
             probs = await loop.run_in_executor(self._executor, predict, texts, size)
             return list(probs)

@@ -1,0 +1,341 @@
+"""The product end to end: texts.in -> classify worker -> labels.out on a real broker.
+
+Starts its own Kafka and Redis (deploy/local, free loopback ports, data in a
+temporary directory) unless --bootstrap/--redis are given, one classify worker
+subprocess (streaming_support.StreamEnv: the same worker the integration tests
+run), and the trained-head MiniLM of the tests. Everything it started is stopped
+at the end, also on Ctrl-C.
+
+1. sustained throughput: a backlog of --messages texts is produced as fast as
+   possible; the rate is the labels.out records that arrive after the producer
+   finished, over the time until the last one. Alternated --rounds times with
+   the raw limit: Student.predict_proba in this process, same weights, same
+   torch threads, the best of a few batch sizes, while the worker idles.
+2. latency at 25%, 50% and 90% of the sustained rate (median of the rounds): a
+   paced producer (one send per 1/rate s, linger 0) for --seconds each; latency
+   = the time a labels.out record reaches this process's consumer minus the
+   input's produce timestamp (the output carries it as ``ts``).
+
+    python bench/stream_bench.py                       # ~4 min on 2 busy cores
+    python bench/stream_bench.py --messages 600 --rounds 1 --seconds 5 --no-docs   # a quick look
+
+Writes bench/out/stream.json and its tables into docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import OUT, REPO, banking, fmt, load, machine, probe_model_dir, summary, write_section
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from streaming_support import StreamEnv, free_port, text_message
+
+from pgkd.student import Student
+
+LOCAL = REPO / "deploy" / "local"
+RAW_BATCHES = (16, 32, 64)
+
+
+@contextlib.contextmanager
+def local_service(script: str, port_args: list[str], data_dir: Path):
+    """deploy/local/<script> start ... stop, with its data in data_dir."""
+    args = [*port_args, "--data-dir", str(data_dir)]
+    started = subprocess.run([str(LOCAL / script), "start", *args], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, check=False)
+    try:
+        if started.returncode != 0:
+            raise SystemExit(f"deploy/local/{script} did not start:\n{started.stdout}{started.stderr}")
+        yield
+    finally:
+        subprocess.run([str(LOCAL / script), "stop", *args], cwd=REPO, capture_output=True, timeout=120, check=False)
+
+
+class Outputs:
+    """A consumer of labels.out that notes when each record arrived here."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        self.consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                         group_id=None, fetch_max_wait_ms=10)
+        self.seen: dict[str, tuple[float, float]] = {}  # id -> (arrived, produced)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self.consumer.getmany(timeout_ms=50)
+            now = time.time()
+            for records in batch.values():
+                for r in records:
+                    out = json.loads(r.value)
+                    if out.get("source") == "student":
+                        self.seen.setdefault(out["id"], (now, out["ts"]))
+
+    async def wait_for(self, ids: list[str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while any(i not in self.seen for i in ids):
+            if time.monotonic() > deadline:
+                missing = sum(i not in self.seen for i in ids)
+                raise TimeoutError(f"{missing} of {len(ids)} outputs missing after {timeout_s}s")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.consumer.stop()
+
+
+def messages(prefix: str, texts: list[str], n: int) -> list[tuple[bytes, bytes]]:
+    return [text_message(f"{prefix}-{i}", texts[i % len(texts)]) for i in range(n)]
+
+
+async def backlog(producer: AIOKafkaProducer, outputs: Outputs, topic: str, prefix: str, texts: list[str], n: int,
+                  timeout_s: float) -> dict:
+    """Produce n messages at once; the output rate after the producer finished."""
+    batch = messages(prefix, texts, n)
+    for key, value in batch:
+        await producer.send(topic, key=key, value=value)
+    await producer.flush()
+    produced = time.time()
+    ids = [k.decode() for k, _ in batch]
+    await outputs.wait_for(ids, timeout_s)
+    arrived = sorted(outputs.seen[i][0] for i in ids)
+    after = [t for t in arrived if t > produced]
+    rate = (len(after) - 1) / (after[-1] - after[0]) if len(after) > 1 else float("nan")
+    return {"texts_s": rate, "counted": len(after), "drain_s": arrived[-1] - produced}
+
+
+async def paced(producer: AIOKafkaProducer, outputs: Outputs, worker, topic: str, prefix: str, texts: list[str],
+                rate: float, seconds: float, timeout_s: float) -> dict:
+    """Send at ``rate`` msg/s for ``seconds``; latency of every output in ms, and
+    the worker's batches meanwhile (how many, how big, inference ms each)."""
+    before = worker_counters(worker)
+    n = max(20, int(rate * seconds))
+    batch = messages(prefix, texts, n)
+    start = time.monotonic()
+    for i, (key, value) in enumerate(batch):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await producer.send(topic, key=key, value=value)
+    sent_s = time.monotonic() - start
+    ids = [k.decode() for k, _ in batch]
+    await outputs.wait_for(ids, timeout_s)
+    lat = np.array([1000 * (outputs.seen[i][0] - outputs.seen[i][1]) for i in ids])
+    after = worker_counters(worker)
+    texts_n, batches = (after[k] - before[k] for k in ("pgkd_batch_size_sum", "pgkd_batch_size_count"))
+    inference_s = after["pgkd_inference_seconds_sum"] - before["pgkd_inference_seconds_sum"]
+    return {"rate": rate, "achieved_rate": n / sent_s, "n": n, "batches": batches,
+            "mean_batch": texts_n / max(batches, 1), "inference_ms_per_batch": 1000 * inference_s / max(batches, 1),
+            "ms_between_batches": 1000 * sent_s / max(batches, 1),
+            **{f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)}, "max": float(lat.max())}
+
+
+def broker_pid() -> dict[str, int]:
+    """The Kafka broker's pid when this script started it (deploy/local writes kafka.pid)."""
+    for pidfile in Path(tempfile.gettempdir()).glob("pgkd-stream-bench-*/kafka/kafka.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().split()[0])
+            if Path(f"/proc/{pid}").exists():
+                return {"kafka broker": pid}
+    return {}
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_counters(worker) -> dict[str, float]:
+    m = worker.metrics()
+    keys = ("pgkd_batch_size_sum", "pgkd_batch_size_count", "pgkd_inference_seconds_sum")
+    return {k: m.get(k, 0.0) for k in keys}
+
+
+def raw_limit(student: Student, texts: list[str]) -> dict:
+    """predict_proba texts/s at each of RAW_BATCHES; the best is the limit."""
+    rates = {}
+    for bs in RAW_BATCHES:
+        started = time.perf_counter()
+        student.predict_proba(texts, bs)
+        rates[bs] = len(texts) / (time.perf_counter() - started)
+    best = max(rates, key=rates.get)
+    return {"texts_s": rates[best], "batch": best, "by_batch": rates}
+
+
+async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
+    model_dir = Path(args.model) if args.model else probe_model_dir()
+    texts = list(banking("test").texts)
+    settings = {"inference_quantize": args.quantize, "torch_threads": args.threads, "batch_size": args.batch_size,
+                "inference_batch_size": args.inference_batch_size, "batch_within_s": args.within}
+    run_id = uuid.uuid4().hex[:8]
+    env = StreamEnv.make(bootstrap, redis_url, lambda stem: f"{stem}-bench-{run_id}", workdir, model_dir, **settings)
+    topic = env.topics["texts_in"]
+    torch.set_num_threads(args.threads)
+    student = Student.load(model_dir, device="cpu").optimize_for_inference(args.quantize)
+    raw_texts = texts[: args.raw_texts]
+    student.predict_proba(raw_texts[:64], 32)  # warm-up
+
+    worker = env.start("classify")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    outputs = Outputs(bootstrap, env.topics["labels_out"])
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, worker.wait_ready, 300)
+        await producer.start()
+        await outputs.start()
+        print("worker ready; warming up", flush=True)
+        await backlog(producer, outputs, topic, "warm", texts, 200, timeout_s=120)
+
+        raws, streams = [], []
+        spy = None
+        if args.profile:  # sampling only: py-spy attaches from outside and costs the worker ~nothing
+            spy = subprocess.Popen(["py-spy", "record", "-p", str(worker.proc.pid), "-r", "50", "--threads",
+                                    "--idle", "-f", "raw", "-o", args.profile], stdout=subprocess.DEVNULL)
+        pids = {"worker": worker.proc.pid, "this process": os.getpid(), **broker_pid()}
+        for r in range(args.rounds):
+            raws.append(raw_limit(student, raw_texts))
+            before, cpu = worker_counters(worker), {k: cpu_seconds(p) for k, p in pids.items()}
+            started = time.monotonic()
+            streams.append(await backlog(producer, outputs, topic, f"s{r}", texts, args.messages, timeout_s=600))
+            wall = time.monotonic() - started
+            after = worker_counters(worker)
+            n, batches = (after[k] - before[k] for k in ("pgkd_batch_size_sum", "pgkd_batch_size_count"))
+            streams[-1] |= {
+                "mean_batch": n / batches if batches else 0.0,
+                # texts per second of inference time inside the worker: its model speed while busy
+                "worker_inference_texts_s": n / (after["pgkd_inference_seconds_sum"] - before["pgkd_inference_seconds_sum"]),
+                "cores_used": {k: (cpu_seconds(p) - cpu[k]) / wall for k, p in pids.items()},
+            }
+            x = streams[-1]
+            print(f"  round {r + 1}/{args.rounds}: raw {raws[-1]['texts_s']:.0f}/s (batch {raws[-1]['batch']}), "
+                  f"stream {x['texts_s']:.0f}/s, mean batch {x['mean_batch']:.1f}, worker inference "
+                  f"{x['worker_inference_texts_s']:.0f}/s, cores {json.dumps(x['cores_used'])}", flush=True)
+        raws.append(raw_limit(student, raw_texts))  # raw brackets every stream round
+        raw_s = summary([x["texts_s"] for x in raws])
+        stream_s = summary([x["texts_s"] for x in streams])
+        pairs = [s["texts_s"] / ((a["texts_s"] + b["texts_s"]) / 2) for s, a, b in zip(streams, raws, raws[1:])]
+
+        latency = {}
+        for fraction in args.fractions:
+            rate = fraction * stream_s["median"]
+            latency[f"{fraction:.0%}"] = res = await paced(producer, outputs, worker, topic, f"l{fraction}", texts, rate,
+                                                           args.seconds, timeout_s=300)
+            print(f"  {fraction:.0%} ({rate:.0f}/s): p50 {res['p50']:.0f} ms, p95 {res['p95']:.0f}, "
+                  f"p99 {res['p99']:.0f}, max {res['max']:.0f}; batches of {res['mean_batch']:.1f} every "
+                  f"{res['ms_between_batches']:.0f} ms, inference {res['inference_ms_per_batch']:.0f} ms", flush=True)
+        metrics = worker.metrics()
+        if spy:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(timeout=60)
+    finally:
+        await outputs.stop()
+        await producer.stop()
+        env.stop_all()
+    dlq = sum(v for k, v in metrics.items() if k.startswith("pgkd_dlq_total"))
+    return {"settings": settings, "model": model_dir.name, "raw": raws, "stream": streams, "raw_summary": raw_s,
+            "stream_summary": stream_s, "ratio_of_medians": stream_s["median"] / raw_s["median"],
+            "ratio_per_round": pairs, "latency_ms": latency, "dead_letters": dlq}
+
+
+def markdown(res: dict) -> str:
+    m, a, s = res["machine"], res["args"], res["settings"]
+    r = res["ratio_per_round"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores (VNNI: {'yes' if m['vnni'] else 'no'}), Python {m['python']}, "
+        f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}. Load average (1/5/15 min) "
+        f"{res['load_before']} before, {res['load_after']} after: the cores were shared with other test runs, and "
+        "the broker (JVM), the worker and this process share them too.",
+        f"One classify worker (`pgkd worker classify`), model {res['model']} (MiniLM-L6, trained head, max length "
+        f"64), PGKD_INFERENCE_QUANTIZE={s['inference_quantize']}, PGKD_TORCH_THREADS={s['torch_threads']}, "
+        f"PGKD_BATCH_SIZE={s['batch_size']}, PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, PGKD_BATCH_WITHIN_S={s['batch_within_s']}, 4 partitions, acks=all, "
+        "Kafka and Redis from deploy/local on loopback.",
+        "",
+        "| measure | texts/s, median (min-max) |",
+        "|---|---|",
+        f"| raw limit: predict_proba, best of batch {', '.join(map(str, RAW_BATCHES))} ({a['raw_texts']} texts, "
+        f"{len(res['raw'])} runs bracketing the stream rounds) | {fmt(res['raw_summary'])} |",
+        f"| sustained end to end: backlog of {a['messages']} texts ({a['rounds']} rounds) | "
+        f"{fmt(res['stream_summary'])} |",
+        "",
+        f"Sustained / raw limit: **{res['ratio_of_medians']:.2f}** of the medians (each round against the raw runs "
+        f"around it: {min(r):.2f}-{max(r):.2f}).",
+        "",
+        f"Latency at a paced rate ({a['seconds']} s each; from the input's produce timestamp to the output's "
+        f"arrival at a consumer), ms:",
+        "",
+        "| load | rate msg/s | messages | p50 | p95 | p99 | max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, x in res["latency_ms"].items():
+        lines.append(f"| {name} of sustained | {x['rate']:.0f} | {x['n']} | {x['p50']:.0f} | {x['p95']:.0f} | "
+                     f"{x['p99']:.0f} | {x['max']:.0f} |")
+    lines += ["", f"Dead letters during the run: {res['dead_letters']:.0f}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--messages", type=int, default=3000, help="backlog per sustained round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--raw-texts", type=int, default=1024)
+    p.add_argument("--fractions", type=lambda v: [float(x) for x in v.split(",") if x], default=[0.25, 0.5, 0.9])
+    p.add_argument("--seconds", type=float, default=20.0, help="duration of each paced rate")
+    p.add_argument("--quantize", default="int8", choices=("fp32", "int8"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the worker and of the raw limit")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--inference-batch-size", type=int, default=16, help="PGKD_INFERENCE_BATCH_SIZE")
+    p.add_argument("--within", type=float, default=0.01, help="PGKD_BATCH_WITHIN_S")
+    p.add_argument("--model", help="a Student.save() directory (default: the trained-head MiniLM of the tests)")
+    p.add_argument("--bootstrap", help="an existing Kafka (default: start one)")
+    p.add_argument("--redis", help="an existing Redis URL with a free database (default: start one)")
+    p.add_argument("--profile", metavar="FILE", help="py-spy the worker from the first sustained round to the end (raw format)")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    args = p.parse_args(argv)
+    load_before = load()
+    workdir = Path(tempfile.mkdtemp(prefix="pgkd-stream-bench-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            bootstrap, redis_url = args.bootstrap, args.redis
+            if not bootstrap:
+                port = free_port()
+                stack.enter_context(local_service("kafka", ["--port", str(port), "--controller-port",
+                                                            str(free_port())], workdir / "kafka"))
+                bootstrap = f"127.0.0.1:{port}"
+            if not redis_url:
+                port = free_port()
+                stack.enter_context(local_service("redis", ["--port", str(port)], workdir / "redis"))
+                redis_url = f"redis://127.0.0.1:{port}/0"
+            print(f"kafka {bootstrap}, redis {redis_url}", flush=True)
+            res = asyncio.run(run(args, bootstrap, redis_url, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    res = {"machine": machine(), "args": vars(args), "load_before": load_before, "load_after": load(), **res}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "stream.json").write_text(json.dumps(res, indent=2) + "\n")
+    text = markdown(res)
+    print(text)
+    if not args.no_docs:
+        write_section("stream_bench.py", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
