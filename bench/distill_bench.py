@@ -43,7 +43,7 @@ from pgkd.loop import DistillConfig, evaluate, headline, run_cycles
 from pgkd.simulator import SimulatorServer
 from pgkd.student import Student
 from pgkd.teacher import GenerationResult, OpenAITeacher, Usage
-from pgkd.training import TrainConfig, train
+from pgkd.training import TrainConfig, train, train_head
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 VARIANTS = {
@@ -104,7 +104,7 @@ def run_seed(name: str, args, seed: int) -> dict:
 
     started = time.perf_counter()
     baseline = Student.from_pretrained(args.model, taxonomy, max_length=args.max_length)
-    fit = train(baseline, splits.train, splits.val, train_cfg)
+    fit = (train_head if args.head_only else train)(baseline, splits.train, splits.val, train_cfg)
     base_val = evaluate(baseline, splits.val)
     row = {
         "dataset": name, "seed": seed, "classes": len(taxonomy),
@@ -121,7 +121,8 @@ def run_seed(name: str, args, seed: int) -> dict:
         started = time.perf_counter()
         cfg = DistillConfig(max_cycles=args.max_cycles, patience=args.max_cycles,
                             samples_per_cycle=args.samples_per_cycle, target_classes=args.target_classes,
-                            train=train_cfg, cycle_train=cycle_cfg, seed=seed, **overrides)
+                            train=train_cfg, cycle_train=cycle_cfg, head_only=args.head_only, seed=seed,
+                            **overrides)
         # a fresh simulator per variant: each draws from the same, full pool
         with SimulatorServer(splits.pool, seed=seed) as sim:
             teacher = (NoTeacher() if variant == "no_teacher" else
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-cycle", type=int, default=32, help="paper: 32")
     p.add_argument("--target-classes", type=int, default=8)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--head-only", action="store_true",
+                   help="CPU mode: frozen encoder, train only the classification head (use --lr 1e-2 --epochs 60)")
     p.add_argument("--out", type=Path, default=Path("bench/out/distill.json"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = p.parse_args(argv)

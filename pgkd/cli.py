@@ -130,6 +130,7 @@ def cmd_distill(args) -> int:
         hard_negatives=not args.no_hard_negatives,
         train=_train_config(args),
         cycle_train=_train_config(args, epochs=args.cycle_epochs) if args.cycle_epochs else None,
+        head_only=args.head_only,
         seed=args.seed,
     )
     teacher = OpenAITeacher(
@@ -240,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-strategy", choices=["weakest", "random"], default="weakest")
     p.add_argument("--no-hard-negatives", action="store_true", help="ablation: no hard negatives in the prompt")
     p.add_argument("--cycle-epochs", type=int, default=None, help="max epochs of each cycle's retraining")
+    p.add_argument("--head-only", action="store_true",
+                   help="CPU mode: frozen encoder, only the classification head learns (use a larger --lr)")
     _add_data_args(p)
     _add_train_args(p)
     p.set_defaults(func=cmd_distill)

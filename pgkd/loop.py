@@ -27,7 +27,7 @@ from pgkd.mining import mine_examples
 from pgkd.report import classification_report, weakest_classes
 from pgkd.student import Student
 from pgkd.teacher import Teacher
-from pgkd.training import TrainConfig, train
+from pgkd.training import TrainConfig, train, train_head
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class DistillConfig:
     hard_negatives: bool = True  # False = ablation without hard negatives in the prompt
     train: TrainConfig = field(default_factory=TrainConfig)  # first fine-tune
     cycle_train: TrainConfig | None = None  # retraining in each cycle (None = same as train)
+    head_only: bool = False  # CPU mode: frozen encoder, only the classification head learns
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +76,10 @@ def headline(report: dict) -> dict:
     return {k: round(float(report[k]), 4) for k in ("accuracy", "macro_f1", "weighted_f1")}
 
 
+def _fit(cfg: DistillConfig):
+    return train_head if cfg.head_only else train
+
+
 def pick_targets(report: dict, k: int, strategy: str, rng: random.Random) -> list[str]:
     if strategy == "weakest":
         return weakest_classes(report, k)
@@ -96,7 +101,7 @@ def distill(
     ``known_texts`` are texts the teacher's samples must not repeat (validation and
     test sets, typically); training texts are added to it here.
     """
-    fit = train(student, train_set, val, cfg.train)
+    fit = _fit(cfg)(student, train_set, val, cfg.train)
     baseline_val = evaluate(student, val)
     log(f"baseline: val {headline(baseline_val)} (best epoch {fit.best_epoch}, {fit.seconds:.0f}s on {fit.device})")
     result = run_cycles(student, baseline_val, train_set, val, teacher, cfg, known_texts, log)
@@ -142,7 +147,7 @@ def run_cycles(
 
         # 5. retrain a copy of the best student; keep it only if validation improves
         candidate = best.clone()
-        fit = train(candidate, train_set, val, cycle_cfg)
+        fit = _fit(cfg)(candidate, train_set, val, cycle_cfg)
         cand_val = evaluate(candidate, val)
         improved = cand_val["macro_f1"] > best_val["macro_f1"]
         result.cycles.append(

@@ -103,3 +103,16 @@ def test_random_targets_are_seeded_and_weakest_are_lowest_f1():
 def test_config_names_the_bad_value(field, value, message):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(") + "$"):
         DistillConfig(**{field: value})
+
+
+def test_head_only_mode_never_changes_the_encoder(student):
+    import torch
+
+    encoder_before = {k: v.clone() for k, v in student.model.bert.state_dict().items()}
+    head_before = student.model.classifier.weight.detach().clone()
+    with SimulatorServer(rows(10, offset=40), seed=0) as sim:
+        result = distill(student, rows(4), rows(3, offset=20), teacher_for(sim), cfg(head_only=True),
+                         log=lambda _: None)
+    for model in (student.model, result.student.model):
+        assert all(torch.equal(v, encoder_before[k]) for k, v in model.bert.state_dict().items())
+    assert not torch.equal(student.model.classifier.weight.detach(), head_before)
