@@ -6,11 +6,16 @@ PYTEST = $(PYTHON) -m pytest -q
 pytest_ok_if_empty = status=0; $(PYTEST) $(1) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest: no tests collected"; status=0; fi; exit $$status
 
-.PHONY: setup test test-fast services-up services-down distill-demo
+.PHONY: setup demo test test-fast services-up services-down distill-demo
 
 ## install what this machine lacks: Debian packages, the package with its test extras, the Kafka jars
 setup:
 	deploy/local/setup
+
+## the whole loop on this machine: services, simulator, seed model, workers, live progress (README)
+DEMO_ARGS ?=
+demo: setup
+	$(PYTHON) -m pgkd.cli demo --no-setup $(DEMO_ARGS)
 
 ## everything, integration tests included (starts its own Kafka and Redis)
 test: setup

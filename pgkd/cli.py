@@ -259,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     if importlib.util.find_spec("streams.cli") is not None:
         from streams.cli import add_worker_parser
+        from streams.demo import add_demo_parser
 
         add_worker_parser(sub)
+        add_demo_parser(sub)
     return parser
 
 
