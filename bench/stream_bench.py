@@ -39,14 +39,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import OUT, REPO, banking, fmt, load, machine, probe_model_dir, summary, write_section
+from _common import (
+    OUT,
+    REPO,
+    banking,
+    fmt,
+    load,
+    machine,
+    probe_model_dir,
+    summary,
+    write_section,
+)
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from streaming_support import StreamEnv, free_port, text_message
 
 from pgkd.student import Student
 
 LOCAL = REPO / "deploy" / "local"
-RAW_BATCHES = (16, 32, 64)
+RAW_BATCHES = (8, 16, 32, 64)
 
 
 @contextlib.contextmanager
@@ -148,6 +158,12 @@ async def paced(producer: AIOKafkaProducer, outputs: Outputs, worker, topic: str
             **{f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)}, "max": float(lat.max())}
 
 
+def start_py_spy(pid: int, out: str) -> subprocess.Popen:
+    """Sampling only: py-spy reads the worker from outside and costs it ~nothing."""
+    return subprocess.Popen(["py-spy", "record", "-p", str(pid), "-r", "50", "--threads", "--idle", "-f", "raw",
+                             "-o", out], stdout=subprocess.DEVNULL)
+
+
 def broker_pid() -> dict[str, int]:
     """The Kafka broker's pid when this script started it (deploy/local writes kafka.pid)."""
     for pidfile in Path(tempfile.gettempdir()).glob("pgkd-stream-bench-*/kafka/kafka.pid"):
@@ -158,10 +174,20 @@ def broker_pid() -> dict[str, int]:
     return {}
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a process so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_seconds(pid: int, task: int | None = None) -> float:
+    """user + system CPU seconds of a process (or one of its threads) so far (/proc/PID[/task/TID]/stat)."""
+    stat = Path(f"/proc/{pid}/task/{task}/stat") if task else Path(f"/proc/{pid}/stat")
+    fields = stat.read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of a process, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out[int(task.name)] = cpu_seconds(pid, task=int(task.name))
+    return out
 
 
 def worker_counters(worker) -> dict[str, float]:
@@ -172,13 +198,14 @@ def worker_counters(worker) -> dict[str, float]:
 
 def raw_limit(student: Student, texts: list[str]) -> dict:
     """predict_proba texts/s at each of RAW_BATCHES; the best is the limit."""
-    rates = {}
+    rates, per_cpu = {}, {}
     for bs in RAW_BATCHES:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()  # the event loop is blocked: all CPU is inference
         student.predict_proba(texts, bs)
         rates[bs] = len(texts) / (time.perf_counter() - started)
+        per_cpu[bs] = len(texts) / (time.process_time() - cpu)
     best = max(rates, key=rates.get)
-    return {"texts_s": rates[best], "batch": best, "by_batch": rates}
+    return {"texts_s": rates[best], "batch": best, "texts_per_cpu_s": per_cpu[best], "by_batch": rates}
 
 
 async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
@@ -205,14 +232,12 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         await backlog(producer, outputs, topic, "warm", texts, 200, timeout_s=120)
 
         raws, streams = [], []
-        spy = None
-        if args.profile:  # sampling only: py-spy attaches from outside and costs the worker ~nothing
-            spy = subprocess.Popen(["py-spy", "record", "-p", str(worker.proc.pid), "-r", "50", "--threads",
-                                    "--idle", "-f", "raw", "-o", args.profile], stdout=subprocess.DEVNULL)
+        spy = start_py_spy(worker.proc.pid, args.profile) if args.profile else None
         pids = {"worker": worker.proc.pid, "this process": os.getpid(), **broker_pid()}
         for r in range(args.rounds):
             raws.append(raw_limit(student, raw_texts))
             before, cpu = worker_counters(worker), {k: cpu_seconds(p) for k, p in pids.items()}
+            threads_before = thread_cpu_seconds(worker.proc.pid)
             started = time.monotonic()
             streams.append(await backlog(producer, outputs, topic, f"s{r}", texts, args.messages, timeout_s=600))
             wall = time.monotonic() - started
@@ -224,6 +249,11 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
                 "worker_inference_texts_s": n / (after["pgkd_inference_seconds_sum"] - before["pgkd_inference_seconds_sum"]),
                 "cores_used": {k: (cpu_seconds(p) - cpu[k]) / wall for k, p in pids.items()},
             }
+            spent = sorted((cpu_s - threads_before.get(tid, 0.0) for tid, cpu_s in
+                            thread_cpu_seconds(worker.proc.pid).items()), reverse=True)
+            streams[-1]["worker_thread_cpu_shares"] = [x / max(sum(spent), 1e-9) for x in spent[:4]]  # busiest first
+            # texts per CPU second of the worker: its efficiency, whatever share of the cores it was given
+            streams[-1]["texts_per_worker_cpu_s"] = args.messages / (streams[-1]["cores_used"]["worker"] * wall)
             x = streams[-1]
             print(f"  round {r + 1}/{args.rounds}: raw {raws[-1]['texts_s']:.0f}/s (batch {raws[-1]['batch']}), "
                   f"stream {x['texts_s']:.0f}/s, mean batch {x['mean_batch']:.1f}, worker inference "
@@ -250,43 +280,60 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         await producer.stop()
         env.stop_all()
     dlq = sum(v for k, v in metrics.items() if k.startswith("pgkd_dlq_total"))
+    raw_cpu = summary([x["texts_per_cpu_s"] for x in raws])
+    stream_cpu = summary([x["texts_per_worker_cpu_s"] for x in streams])
     return {"settings": settings, "model": model_dir.name, "raw": raws, "stream": streams, "raw_summary": raw_s,
             "stream_summary": stream_s, "ratio_of_medians": stream_s["median"] / raw_s["median"],
-            "ratio_per_round": pairs, "latency_ms": latency, "dead_letters": dlq}
+            "ratio_per_round": pairs, "raw_per_cpu_summary": raw_cpu, "stream_per_cpu_summary": stream_cpu,
+            "ratio_per_cpu": stream_cpu["median"] / raw_cpu["median"], "latency_ms": latency, "dead_letters": dlq}
 
 
 def markdown(res: dict) -> str:
     m, a, s = res["machine"], res["args"], res["settings"]
     r = res["ratio_per_round"]
+    cores = {k: summary([x["cores_used"][k] for x in res["stream"]])["median"] for k in res["stream"][0]["cores_used"]}
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores (VNNI: {'yes' if m['vnni'] else 'no'}), Python {m['python']}, "
-        f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}. Load average (1/5/15 min) "
-        f"{res['load_before']} before, {res['load_after']} after: the cores were shared with other test runs, and "
-        "the broker (JVM), the worker and this process share them too.",
-        f"One classify worker (`pgkd worker classify`), model {res['model']} (MiniLM-L6, trained head, max length "
-        f"64), PGKD_INFERENCE_QUANTIZE={s['inference_quantize']}, PGKD_TORCH_THREADS={s['torch_threads']}, "
-        f"PGKD_BATCH_SIZE={s['batch_size']}, PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, PGKD_BATCH_WITHIN_S={s['batch_within_s']}, 4 partitions, acks=all, "
-        "Kafka and Redis from deploy/local on loopback.",
+        (f"Machine: {m['cpu']}, {m['cores']} cores (VNNI: {'yes' if m['vnni'] else 'no'}), Python {m['python']}, "
+         f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}. Load average (1/5/15 min) "
+         f"{res['load_before']} before, {res['load_after']} after: the cores were shared with other test runs, and "
+         "the broker (JVM), the worker and this process share them too."),
+        (f"One classify worker (`pgkd worker classify`), model {res['model']} (MiniLM-L6, trained head, max length "
+         f"64), PGKD_INFERENCE_QUANTIZE={s['inference_quantize']}, PGKD_TORCH_THREADS={s['torch_threads']}, "
+         f"PGKD_BATCH_SIZE={s['batch_size']}, PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, "
+         f"PGKD_BATCH_WITHIN_S={s['batch_within_s']}, 4 partitions, acks=all, Kafka and Redis from deploy/local "
+         "on loopback."),
         "",
         "| measure | texts/s, median (min-max) |",
         "|---|---|",
-        f"| raw limit: predict_proba, best of batch {', '.join(map(str, RAW_BATCHES))} ({a['raw_texts']} texts, "
-        f"{len(res['raw'])} runs bracketing the stream rounds) | {fmt(res['raw_summary'])} |",
-        f"| sustained end to end: backlog of {a['messages']} texts ({a['rounds']} rounds) | "
-        f"{fmt(res['stream_summary'])} |",
+        (f"| raw limit: predict_proba in the bench process, best of batch {', '.join(map(str, RAW_BATCHES))} "
+         f"({a['raw_texts']} texts, {len(res['raw'])} runs bracketing the stream rounds) | {fmt(res['raw_summary'])} |"),
+        (f"| sustained end to end: a backlog of {a['messages']} texts ({a['rounds']} rounds) | "
+         f"{fmt(res['stream_summary'])} |"),
+        (f"| the worker's own inference rate meanwhile (texts / seconds inside predict_proba) | "
+         f"{fmt(summary([x['worker_inference_texts_s'] for x in res['stream']]))} |"),
+        (f"| per CPU second: raw limit (texts / CPU s of the bench process) | {fmt(res['raw_per_cpu_summary'])} |"),
+        (f"| per CPU second: sustained (texts / CPU s of the worker process, all its threads) | "
+         f"{fmt(res['stream_per_cpu_summary'])} |"),
         "",
-        f"Sustained / raw limit: **{res['ratio_of_medians']:.2f}** of the medians (each round against the raw runs "
-        f"around it: {min(r):.2f}-{max(r):.2f}).",
+        (f"Sustained / raw limit: **{res['ratio_of_medians']:.2f}** of the medians (each round against the mean of "
+         f"the raw runs around it: {min(r):.2f}-{max(r):.2f}). CPU cores used during the sustained rounds (median): "
+         + ", ".join(f"{k} {v:.2f}" for k, v in cores.items())
+         + f". Per CPU second (the worker's efficiency, whatever share of the cores the neighbours left it): "
+         f"**{res['ratio_per_cpu']:.2f}**. The worker's CPU by thread (busiest first, median of the rounds): "
+         + ", ".join(f"{100 * summary([x['worker_thread_cpu_shares'][i] for x in res['stream']])['median']:.1f}%"
+                     for i in range(min(len(x["worker_thread_cpu_shares"]) for x in res["stream"])))
+         + " (by py-spy, the busiest is the inference thread and the next the event loop)."),
         "",
-        f"Latency at a paced rate ({a['seconds']} s each; from the input's produce timestamp to the output's "
-        f"arrival at a consumer), ms:",
+        (f"Latency at a paced rate ({a['seconds']:.0f} s each), from the input's produce timestamp to the output's "
+         "arrival at a consumer, in ms; and what the worker did meanwhile:"),
         "",
-        "| load | rate msg/s | messages | p50 | p95 | p99 | max |",
-        "|---|---|---|---|---|---|---|",
+        "| load | msg/s | messages | p50 | p95 | p99 | max | worker batches (mean size, ms apart, inference ms) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, x in res["latency_ms"].items():
         lines.append(f"| {name} of sustained | {x['rate']:.0f} | {x['n']} | {x['p50']:.0f} | {x['p95']:.0f} | "
-                     f"{x['p99']:.0f} | {x['max']:.0f} |")
+                     f"{x['p99']:.0f} | {x['max']:.0f} | {x['mean_batch']:.1f}, {x['ms_between_batches']:.0f}, "
+                     f"{x['inference_ms_per_batch']:.0f} |")
     lines += ["", f"Dead letters during the run: {res['dead_letters']:.0f}."]
     return "\n".join(lines)
 
@@ -295,12 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--messages", type=int, default=3000, help="backlog per sustained round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--raw-texts", type=int, default=1024)
+    p.add_argument("--raw-texts", type=int, default=512)
     p.add_argument("--fractions", type=lambda v: [float(x) for x in v.split(",") if x], default=[0.25, 0.5, 0.9])
     p.add_argument("--seconds", type=float, default=20.0, help="duration of each paced rate")
     p.add_argument("--quantize", default="int8", choices=("fp32", "int8"))
     p.add_argument("--threads", type=int, default=1, help="torch threads of the worker and of the raw limit")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--inference-batch-size", type=int, default=16, help="PGKD_INFERENCE_BATCH_SIZE")
     p.add_argument("--within", type=float, default=0.01, help="PGKD_BATCH_WITHIN_S")
     p.add_argument("--model", help="a Student.save() directory (default: the trained-head MiniLM of the tests)")
