@@ -3,8 +3,8 @@
 Dynamic quantization: each Linear layer of the encoder keeps its weights as int8
 (symmetric, one scale per output channel) and quantizes its input per batch, so
 no calibration data is needed. On a CPU the encoder's Linear layers are three
-quarters of the inference time (py-spy, docs/BENCHMARKS.md) and the int8 kernels
-run them about 2x faster.
+quarters of the inference time (py-spy, docs/BENCHMARKS.md); with int8 kernels
+the whole model runs about 1.5x faster.
 
 Why not ``torch.ao.quantization.quantize_dynamic``: its layers quantize their
 inputs to 7 bits on x86 (``reduce_range=True``, so that the pairwise int16 sums

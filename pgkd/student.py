@@ -162,7 +162,7 @@ class Student:
 
         ``"fp32"`` changes nothing. ``"int8"`` replaces the Linear layers of
         every encoder layer but the last by dynamically quantized ones
-        (:func:`pgkd.inference_opt.quantize_encoder`): about 2x the fp32
+        (:func:`pgkd.inference_opt.quantize_encoder`): about 1.5x the fp32
         throughput on a CPU (docs/BENCHMARKS.md). An int8 student runs on the CPU only and can no longer be
         trained or saved: serve a copy, keep the fp32 one for training."""
         if quantize not in QUANTIZE_MODES:
