@@ -1,0 +1,37 @@
+"""The served model honours PGKD_INFERENCE_QUANTIZE (the registry is unreachable
+here, so the PGKD_SERVE_MODEL fallback is what loads)."""
+
+import socket
+
+import pytest
+import torch
+
+from pgkd.serving import load_serving_model
+from pgkd.settings import load_settings
+from pgkd.student import Student
+
+LABELS = ["neg", "neu", "pos"]
+
+
+@pytest.fixture
+def model_dir(tiny_encoder_dir, tmp_path):
+    path = tmp_path / "v1"
+    Student.from_pretrained(tiny_encoder_dir, LABELS, max_length=32, device="cpu").save(path)
+    return path
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@pytest.mark.parametrize("quantize", ["fp32", "int8"])
+def test_the_served_student_is_quantized_as_configured(model_dir, tmp_path, quantize):
+    if quantize == "int8" and torch.cuda.is_available():
+        pytest.skip("Student.load picks CUDA here; int8 serving is CPU only")
+    settings = load_settings(serve_model=str(model_dir), model_store=tmp_path / "store", redis_timeout_s=0.5,
+                             redis_url=f"redis://127.0.0.1:{_closed_port()}/0", inference_quantize=quantize)
+    served = load_serving_model(settings)
+    assert served.student.quantize == quantize and served.version == "v1"
+    assert served.student.predict_proba(["hello"]).shape == (1, 3)
