@@ -166,13 +166,25 @@ class Registry:
         return sorted(names, key=version_number)
 
     def publish(
-        self, student: Student, *, parent: str | None, round: int, data: dict, metrics: dict, settings: dict
+        self,
+        student: Student,
+        *,
+        parent: str | None,
+        round: int,
+        data: dict,
+        metrics: dict,
+        settings: dict,
+        drift_reference: dict | None = None,
     ) -> str:
         """Store ``student`` as a new version and return its name. It does not serve
-        until :meth:`promote`."""
-        return self._publish(student.save, parent=parent, round=round, data=data, metrics=metrics, settings=settings)
+        until :meth:`promote`. ``drift_reference`` (``pgkd.drift``: the version's
+        validation predictions) is the baseline the classifiers' drift monitor uses."""
+        return self._publish(student.save, parent=parent, round=round, data=data, metrics=metrics, settings=settings,
+                             drift_reference=drift_reference)
 
-    def _publish(self, write: Callable[[Path], None], *, parent, round, data, metrics, settings) -> str:
+    def _publish(
+        self, write: Callable[[Path], None], *, parent, round, data, metrics, settings, drift_reference=None
+    ) -> str:
         if parent is not None:
             version_number(parent)
         if not isinstance(round, int) or round < 0:
@@ -196,6 +208,8 @@ class Registry:
                     "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
                     "files": files,
                 }
+                if drift_reference is not None:
+                    manifest["drift_reference"] = drift_reference
                 _write_durably(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2, default=_json_default) + "\n")
                 _fsync_dir(tmp)
                 if _rename_new(tmp, self.store / version):

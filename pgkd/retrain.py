@@ -21,7 +21,6 @@ Plain Python; the trainer worker (``streams/trainer.py``) runs it in a thread.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgkd.curation import Sample, TextGuard, sample_hash
 from pgkd.data import LabelledTexts, load_labelled
+from pgkd.drift import reference_from_predictions
 from pgkd.errors import ConfigError, RegistryUnavailable
 from pgkd.gate import GateConfig, GateDecision, evaluate_gate
 from pgkd.loop import headline
@@ -210,17 +210,14 @@ def run_round(
     log.info("round %d: candidate macro-F1 %.4f vs current %.4f: %s", round_no, cand_report["macro_f1"],
              cur_report["macro_f1"], decision.summary())
 
-    publish_args: dict[str, Any] = dict(
-        parent=current, round=round_no, data=data, metrics=cand_report,
+    version = registry.publish(
+        candidate, parent=current, round=round_no, data=data, metrics=cand_report,
         settings={"mode": cfg.mode, "train": asdict(train_cfg), "gate": asdict(cfg.gate),
                   "request_id": request["request_id"], "samples_upto": request.get("samples_upto"),
                   "device": fit.device, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run},
+        # the drift monitor's baseline: this version's predictions on the gold validation set
+        drift_reference=reference_from_predictions(cand_probs, candidate.labels).to_dict(),
     )
-    if "drift_reference" in inspect.signature(registry.publish).parameters:  # the drift monitor's baseline
-        from pgkd.drift import reference_from_predictions
-
-        publish_args["drift_reference"] = reference_from_predictions(cand_probs, candidate.labels).to_dict()
-    version = registry.publish(candidate, **publish_args)
     on_published(version)
 
     record = {

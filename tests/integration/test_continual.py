@@ -161,6 +161,10 @@ def test_full_loop_promotes_a_better_model_that_then_serves(stream, loop_data, s
         assert record["data"]["teacher"] >= BATCH and record["data"]["generated"] > 0, record["data"]
         assert record["metrics"]["candidate"]["macro_f1"] >= record["metrics"]["current"]["macro_f1"]
         assert registry.manifest(new)["parent"] == seed_version
+        # the drift monitor's baseline: the new version's validation predictions
+        reference = registry.manifest(new)["drift_reference"]
+        assert set(reference) == {"class_probs", "confidences"} and len(reference["confidences"]) > 0
+        assert "drift_reference" not in registry.manifest(seed_version)  # published by the test, not by a round
 
         # the request the curator published, with its provenance counts
         requests = collect_sync(env.bootstrap, [t["retrain_requests"]], lambda g: bool(g.of(t["retrain_requests"])),

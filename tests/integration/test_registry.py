@@ -95,6 +95,11 @@ def test_publish_writes_every_file_with_its_sha256_and_does_not_promote(registry
     assert manifest["metrics"]["macro_f1"] == 0.5
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", manifest["created_at"])
 
+    assert "drift_reference" not in manifest  # only when the trainer passes one
+    with_ref = registry.publish(student, parent=version, round=1, data={}, metrics={}, settings={},
+                                drift_reference={"classes": {"a": 1.0}})
+    assert registry.verify(with_ref)["drift_reference"] == {"classes": {"a": 1.0}}
+
     loaded = registry.load(version, device="cpu")
     assert loaded.labels == LABELS
     assert loaded.predict(["I lost my card"]) == student.predict(["I lost my card"])
