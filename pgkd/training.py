@@ -112,16 +112,20 @@ def validate(student: Student, val: LabelledTexts, batch_size: int) -> dict:
     return report
 
 
-def train(student: Student, train: LabelledTexts, val: LabelledTexts, cfg: TrainConfig) -> TrainResult:
-    """Fine-tune ``student`` in place on ``train``; early-stop on ``val`` macro-F1.
-
-    With an empty ``val`` it trains for ``cfg.epochs`` and keeps the last weights.
-    """
+def _check_data(student: Student, train: LabelledTexts, val: LabelledTexts) -> None:
     if len(train) == 0:
         raise DataError("the training set is empty")
     unknown = sorted((set(train.labels) | set(val.labels)) - set(student.labels))
     if unknown:
         raise DataError(f"labels the student has no output for: {', '.join(map(repr, unknown[:5]))}")
+
+
+def train(student: Student, train: LabelledTexts, val: LabelledTexts, cfg: TrainConfig) -> TrainResult:
+    """Fine-tune ``student`` in place on ``train``; early-stop on ``val`` macro-F1.
+
+    With an empty ``val`` it trains for ``cfg.epochs`` and keeps the last weights.
+    """
+    _check_data(student, train, val)
 
     started = time.perf_counter()
     seed_everything(cfg.seed)
@@ -230,11 +234,7 @@ def train_head(student: Student, train: LabelledTexts, val: LabelledTexts, cfg: 
     where a full fine-tune takes minutes. Same optimizer, schedule, early
     stopping and best-weights restore as :func:`train`.
     """
-    if len(train) == 0:
-        raise DataError("the training set is empty")
-    unknown = sorted((set(train.labels) | set(val.labels)) - set(student.labels))
-    if unknown:
-        raise DataError(f"labels the student has no output for: {', '.join(map(repr, unknown[:5]))}")
+    _check_data(student, train, val)
 
     started = time.perf_counter()
     seed_everything(cfg.seed)
