@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +21,8 @@ from pgkd.errors import ConfigError
 ENV_PREFIX = "PGKD_"
 # Variables of the test suite and the setup script, not of the service.
 RESERVED_PREFIXES = ("PGKD_TEST_", "PGKD_SETUP_")
+# Secrets that may also come from a file: PGKD_<NAME>_FILE (Settings._read_secret_files).
+SECRET_FILES = ("kafka_sasl_password", "redis_url", "teacher_api_key")
 
 
 class Settings(BaseSettings):
@@ -32,11 +34,16 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: str = Field("", description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when SASL is used")
     kafka_sasl_username: str = Field("", description="SASL user name")
     kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (never logged)")
+    kafka_sasl_password_file: str = Field(
+        "", description="file holding the SASL password (a Docker/Kubernetes secret), instead of "
+        "PGKD_KAFKA_SASL_PASSWORD"
+    )
     kafka_ssl_cafile: str = Field("", description="CA bundle for SSL/SASL_SSL")
     redis_url: SecretStr = Field(
         SecretStr("redis://127.0.0.1:6379/0"),
         description="Redis URL; may carry a password (rediss:// for TLS), so it is never logged",
     )
+    redis_url_file: str = Field("", description="file holding the Redis URL (a secret), instead of PGKD_REDIS_URL")
     metrics_host: str = Field("127.0.0.1", description="bind address of each worker's /metrics endpoint")
     metrics_port: int = Field(9100, ge=0, le=65535, description="port of /metrics (0 = pick a free one)")
     web_port: int = Field(6066, ge=0, le=65535, description="Faust web port of a worker")
@@ -98,6 +105,9 @@ class Settings(BaseSettings):
     teacher_base_url: str = Field("http://127.0.0.1:8089/v1", description="OpenAI-compatible endpoint")
     teacher_model: str = Field("teacher-sim", description="model name sent to the endpoint")
     teacher_api_key: SecretStr = Field(SecretStr(""), description="API key (never logged); falls back to OPENAI_API_KEY")
+    teacher_api_key_file: str = Field(
+        "", description="file holding the API key (a Docker/Kubernetes secret), instead of PGKD_TEACHER_API_KEY"
+    )
     teacher_timeout_s: float = Field(30.0, gt=0, description="seconds before one teacher request times out")
     teacher_max_retries: int = Field(4, ge=0, description="retries after the first try (429, 5xx, timeout, bad JSON)")
     teacher_concurrency: int = Field(4, ge=1, description="requests in flight at once")
@@ -208,6 +218,29 @@ class Settings(BaseSettings):
         7200.0, gt=0, description="longest expected round: the request claim's TTL and the consumer's max poll interval"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        """``PGKD_<SECRET>_FILE``: the secret is the file's content, read here once
+        (Docker and Kubernetes mount secrets as files, so they stay out of the
+        environment, ``ps`` and ``docker inspect``). A ConfigError names the file,
+        never what it holds."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for secret in SECRET_FILES:
+            path = data.get(f"{secret}_file") or ""
+            if not path:
+                continue
+            variable = f"{ENV_PREFIX}{secret.upper()}"
+            given = data.get(secret)
+            if isinstance(given, SecretStr):
+                given = given.get_secret_value()
+            if given:
+                raise ConfigError(f"{variable} and {variable}_FILE are both set; keep one")
+            data[secret] = read_secret_file(path, f"{variable}_FILE")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.kafka_security_protocol not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
@@ -223,6 +256,20 @@ class Settings(BaseSettings):
         """The teacher API key: PGKD_TEACHER_API_KEY, else OPENAI_API_KEY, else a
         placeholder that local servers (the simulator, vLLM, Ollama) accept."""
         return self.teacher_api_key.get_secret_value() or os.environ.get("OPENAI_API_KEY", "") or "not-needed"
+
+
+def read_secret_file(path: str | Path, variable: str) -> str:
+    """The secret in ``path`` without its trailing newline (``echo`` and most
+    editors add one). ConfigError naming ``variable`` and the path, never the
+    content, when the file is missing, unreadable or empty."""
+    try:
+        value = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        raise ConfigError(f"{variable}: cannot read {path} ({reason})") from None
+    if not value:
+        raise ConfigError(f"{variable}: {path} is empty")
+    return value
 
 
 def load_settings(**overrides) -> Settings:
@@ -253,7 +300,8 @@ def settings_markdown() -> str:
         "Every setting is an environment variable with the prefix `PGKD_`, read once at",
         "start-up into one frozen `pgkd.settings.Settings`. An unknown `PGKD_*` variable or",
         "an invalid value stops start-up with a message that names it. Secrets (`SecretStr`)",
-        "are never logged. `PGKD_TEST_*` and `PGKD_SETUP_*` belong to the test suite and",
+        "are never logged; each may instead be read from a file named by its `_FILE`",
+        "variable (a Docker/Kubernetes secret). `PGKD_TEST_*` and `PGKD_SETUP_*` belong to the test suite and",
         "`deploy/local/setup`. Generated by `python -m pgkd.settings`; a test keeps it current.",
         "",
         "| variable | default | meaning |",
