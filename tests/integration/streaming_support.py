@@ -179,6 +179,63 @@ def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
     return total
 
 
+# --- services of one test (fault tests stop and restart them) ---------------------
+
+
+@dataclass
+class LocalService:
+    """A Kafka broker or Redis of its own, from ``deploy/local/<script>`` on free
+    loopback ports with its data in ``data_dir``, for tests that stop, kill and
+    restart it. The broker keeps its data dir across restarts (topics, offsets,
+    committed groups); Redis runs without persistence, so a restart empties it."""
+
+    script: str  # "kafka" | "redis"
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    controller_port: int = field(default_factory=free_port)
+
+    @property
+    def args(self) -> list[str]:
+        extra = ["--controller-port", str(self.controller_port)] if self.script == "kafka" else []
+        return ["--port", str(self.port), *extra, "--data-dir", str(self.data_dir)]
+
+    @property
+    def address(self) -> str:
+        """Kafka: ``127.0.0.1:port``; Redis: ``redis://127.0.0.1:port``."""
+        return f"127.0.0.1:{self.port}" if self.script == "kafka" else f"redis://127.0.0.1:{self.port}"
+
+    def _run(self, command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(REPO_ROOT / "deploy" / "local" / self.script), command, *self.args],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+    def start(self) -> None:
+        done = self._run("start")
+        if done.returncode != 0:
+            raise RuntimeError(f"deploy/local/{self.script} start failed:\n{done.stdout}{done.stderr}")
+
+    def stop(self) -> None:
+        """Graceful: SIGTERM, then wait (the script's own stop)."""
+        self._run("stop")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no controlled shutdown, no flush beyond the page cache."""
+        pidfile = self.data_dir / f"{self.script}.pid"
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan that init has not reaped yet is gone for our purposes)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 # --- Kafka I/O ---------------------------------------------------------------------
 
 
