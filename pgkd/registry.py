@@ -385,8 +385,14 @@ class Registry:
         with self._redis_errors():
             self._redis.delete(self._key(f"claim:{request_id}"))
 
-    def record_round(self, record: dict) -> None:
-        """Append one round's record (passed, rejected or failed); ``ts`` is added when absent."""
+    def record_round(self, record: dict) -> bool:
+        """Append one round's record (passed, rejected or failed); ``ts`` is added when absent.
+
+        At most once per ``request_id``: the record and the request id's entry in
+        ``{ns}:rounds:by_request`` are written in one Lua call, so a trainer
+        killed between recording a round and noting it in its ledger cannot
+        record (or run) that round a second time. Returns False, writing
+        nothing, when the request's round is already recorded."""
         if not isinstance(record.get("round"), int):
             raise ValueError(f"a round record needs an int 'round', got {record.get('round')!r}")
         if record.get("outcome") not in OUTCOMES:
@@ -394,7 +400,17 @@ class Registry:
         record = {**record, "ts": record.get("ts", time.time())}
         blob = json.dumps(record, default=_json_default)
         with self._redis_errors():
-            self._redis.rpush(self._key("rounds"), blob)
+            if record.get("request_id") is None:
+                self._redis.rpush(self._key("rounds"), blob)
+                return True
+            keys = [self._key("rounds:by_request"), self._key("rounds")]
+            return bool(self._redis.eval(_RECORD_ONCE, 2, *keys, str(record["request_id"]), blob))
+
+    def recorded_round(self, request_id: str) -> dict | None:
+        """The round record of a retrain request, when one was recorded."""
+        with self._redis_errors():
+            raw = self._redis.hget(self._key("rounds:by_request"), request_id)
+        return json.loads(raw) if raw else None
 
     def rounds(self, limit: int = 50) -> list[dict]:
         """The last ``limit`` round records, oldest first."""
@@ -412,6 +428,16 @@ class Registry:
         with self._redis_errors():
             raw = self._redis.lrange(self._key(name), -limit, -1)
         return [json.loads(item) for item in raw]
+
+
+# KEYS[1] = request id -> record (hash), KEYS[2] = the rounds list; ARGV = request id, record
+_RECORD_ONCE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
 
 
 def _entry(action: str, version: str, previous: str | None, reason: str, round: int | None) -> dict:

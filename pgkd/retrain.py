@@ -328,6 +328,12 @@ class RoundRunner:
                      state["status"])
             return RoundResult(None)
         attempt = (state or {}).get("attempts", 0) + 1
+        if state and (recorded := self.registry.recorded_round(rid)) is not None:
+            # the trainer died after recording the round, before noting it here: it is done
+            log.warning("round %s (request %s) was recorded (%s) by a trainer that then died; not run again",
+                        recorded["round"], rid, recorded["outcome"])
+            self.ledger.update(rid, status=recorded["outcome"], finished=time.time())
+            return RoundResult(None)
         if state:  # "running" under our lock: the trainer that ran it died mid-round
             log.warning("round %s (request %s): attempt %d by %s did not finish", request["round"], rid,
                         attempt - 1, state.get("by"))
@@ -365,7 +371,12 @@ class RoundRunner:
         return result
 
     def _finish(self, rid: str, record: dict, promotion: dict | None = None) -> RoundResult:
-        self.registry.record_round(record)
+        if not self.registry.record_round(record):  # at most once per request id
+            recorded = self.registry.recorded_round(rid) or record
+            log.warning("round %s (request %s) was already recorded (%s); not recorded again", record["round"], rid,
+                        recorded["outcome"])
+            self.ledger.update(rid, status=recorded["outcome"], finished=time.time())
+            return RoundResult(None)
         self.ledger.update(rid, status=record["outcome"], finished=time.time())
         log.info("round %s: %s (%s)", record["round"], record["outcome"], record.get("reason"))
         return RoundResult(record, promotion)

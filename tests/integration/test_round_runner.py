@@ -102,3 +102,36 @@ def test_a_trainer_that_died_after_promoting_is_not_run_again(setup, monkeypatch
     assert result.record["outcome"] == "promoted" and result.promotion["version"] == candidate
     assert [r["round"] for r in registry.rounds()] == [5]
     assert [e["version"] for e in registry.history()] == [seed, candidate]
+
+
+def test_a_trainer_that_died_after_recording_the_round_is_not_run_nor_recorded_again(setup, monkeypatch):
+    """SIGKILL between ``record_round`` and the ledger's final status: the
+    ledger still says "running", but the round is recorded, so it is done."""
+    registry, ledger, runner, seed = setup
+    real_update = ledger.update
+
+    def die_on_final(rid, **changes):
+        if "status" in changes:
+            raise SystemExit("killed")  # as if the process died here
+        real_update(rid, **changes)
+
+    monkeypatch.setattr(ledger, "update", die_on_final)
+    with pytest.raises(SystemExit):
+        runner.process(request(6), [])
+    assert ledger.get("t-round-6")["status"] == "running" and len(registry.rounds()) == 1
+    monkeypatch.setattr(ledger, "update", real_update)
+    monkeypatch.setattr(retrain, "run_round", lambda *a, **k: pytest.fail("the round was recorded: no retraining"))
+    assert runner.process(request(6), []).record is None
+    assert [r["request_id"] for r in registry.rounds()] == ["t-round-6"]
+    assert ledger.get("t-round-6")["status"] == registry.recorded_round("t-round-6")["outcome"]
+
+
+def test_a_round_is_recorded_at_most_once_per_request(setup):
+    registry, *_ = setup
+    record = {"round": 7, "outcome": "rejected", "request_id": "t-round-7"}
+    assert registry.record_round(record) is True
+    assert registry.record_round({**record, "outcome": "promoted"}) is False
+    assert registry.record_round({"round": 8, "outcome": "failed"}) is True  # no request id: always appended
+    assert [(r["round"], r["outcome"]) for r in registry.rounds()] == [(7, "rejected"), (8, "failed")]
+    assert registry.recorded_round("t-round-7")["outcome"] == "rejected"
+    assert registry.recorded_round("t-round-9") is None
