@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pgkd.errors import ConfigError
@@ -38,7 +38,9 @@ class Settings(BaseSettings):
         "", description="file holding the SASL password (a Docker/Kubernetes secret), instead of "
         "PGKD_KAFKA_SASL_PASSWORD"
     )
-    kafka_ssl_cafile: str = Field("", description="CA bundle for SSL/SASL_SSL")
+    kafka_ssl_cafile: str = Field(
+        "", description="CA bundle (PEM) that signed the brokers' certificates, for SSL/SASL_SSL ('' = the system's CAs)"
+    )
     redis_url: SecretStr = Field(
         SecretStr("redis://127.0.0.1:6379/0"),
         description="Redis URL; may carry a password (rediss:// for TLS), so it is never logged",
@@ -240,6 +242,14 @@ class Settings(BaseSettings):
                 raise ConfigError(f"{variable} and {variable}_FILE are both set; keep one")
             data[secret] = read_secret_file(path, f"{variable}_FILE")
         return data
+
+    @field_validator("kafka_ssl_cafile")
+    @classmethod
+    def _cafile_exists(cls, value: str) -> str:
+        # checked at start-up: otherwise the first TLS connection fails with a traceback
+        if value and not Path(value).is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
