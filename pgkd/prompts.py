@@ -20,6 +20,7 @@ unicode escape, so no text can contain (and close) a delimiter.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -45,7 +46,12 @@ REJECT_REASONS = (
     "empty_text",
     "duplicate_text",  # repeats an earlier sample of the same answer
     "known_text",  # already in train/val/test
+    "prompt_echo",  # holds a request delimiter, or copies a long span of our instructions (ECHO_SPAN)
 )
+# A sample that shares this many characters verbatim (after normalize_text) with
+# the instructions of a request is the prompt echoed back, not a new text: no
+# customer message repeats 60 characters of our system prompt by chance.
+ECHO_SPAN = 60
 
 
 class RequestFormatError(PGKDError):
@@ -227,7 +233,7 @@ def _json_object(content: str) -> dict[str, Any] | None:
     for text in candidates:
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: a nesting bomb is not an answer either
             continue
         if isinstance(value, dict):
             return value
@@ -238,7 +244,7 @@ def _json_object(content: str) -> dict[str, Any] | None:
             break
         try:
             value, _end = decoder.raw_decode(content, start)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             value = None
         if isinstance(value, dict):
             return value
@@ -319,6 +325,9 @@ def parse_samples(
     ``known_texts`` are compared after :func:`normalize_text`; pass
     ``target_classes`` to drop samples of classes that were not asked for.
     An answer without that object yields no samples and ``{"invalid_json": 1}``.
+    A sample that echoes the prompt (a request delimiter, or :data:`ECHO_SPAN`
+    characters of the instructions) is dropped as ``prompt_echo``; one whose text
+    is not valid Unicode (a lone surrogate escape) as ``malformed_sample``.
     """
     rejected: Counter[str] = Counter()
     obj = _json_object(content or "")
@@ -332,7 +341,8 @@ def parse_samples(
     texts: list[str] = []
     labels: list[str] = []
     for item in items:
-        if not (isinstance(item, dict) and isinstance(item.get("text"), str) and isinstance(item.get("label"), str)):
+        if not (isinstance(item, dict) and isinstance(item.get("text"), str) and isinstance(item.get("label"), str)
+                and _unicode(item["text"])):
             rejected["malformed_sample"] += 1
             continue
         text, key = item["text"].strip(), normalize_text(item["text"])
@@ -343,6 +353,8 @@ def parse_samples(
             rejected["not_target_class"] += 1
         elif not key:
             rejected["empty_text"] += 1
+        elif echoes_prompt(key):
+            rejected["prompt_echo"] += 1
         elif key in seen:
             rejected["duplicate_text"] += 1
         elif key in known:
@@ -352,6 +364,39 @@ def parse_samples(
             texts.append(text)
             labels.append(label)
     return LabelledTexts(tuple(texts), tuple(labels)), dict(rejected)
+
+
+def echoes_prompt(text: str) -> bool:
+    """True when ``text`` holds a request delimiter or shares :data:`ECHO_SPAN`
+    characters verbatim (whitespace and case aside) with the instructions.
+
+    >>> echoes_prompt("where is my card?")
+    False
+    >>> echoes_prompt("ok " + REQUEST_END)
+    True
+    >>> echoes_prompt(_GENERATE_SYSTEM[200:300])
+    True
+    """
+    key = normalize_text(text)
+    if "pgkd_request" in key:  # either delimiter, whole or cut
+        return True
+    spans = _instruction_spans()
+    return any(key[i : i + ECHO_SPAN] in spans for i in range(len(key) - ECHO_SPAN + 1))
+
+
+@functools.cache
+def _instruction_spans() -> frozenset[str]:
+    """Every ECHO_SPAN-character window of the normalised instruction texts (built once)."""
+    keys = [normalize_text(t) for t in (_LABEL_SYSTEM, _GENERATE_SYSTEM)]
+    return frozenset(k[i : i + ECHO_SPAN] for k in keys for i in range(len(k) - ECHO_SPAN + 1))
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def preview(content: str | None, width: int = 80) -> str:

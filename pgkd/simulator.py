@@ -23,7 +23,9 @@ teacher at a real LLM; nothing here is one.
 - Fault injection for tests: ``fail_rate`` (HTTP 500), ``rate_limit_every``
   (every k-th request gets 429 with Retry-After), ``delay_s`` (slow answers),
   ``garbage_rate`` (non-JSON content), ``outside_taxonomy_rate`` (labels not in
-  the taxonomy), ``supported_formats`` (others are refused with HTTP 400),
+  the taxonomy), ``echo_rate`` (the answer is the request's own user message,
+  delimiters and data included: a model that leaks its prompt),
+  ``supported_formats`` (others are refused with HTTP 400),
   ``api_key`` (other keys get 401, with the wrong key echoed in the message).
 
 >>> from pgkd.data import LabelledTexts
@@ -169,9 +171,11 @@ class SimulatorServer:
         outside_taxonomy_rate: float = 0.0,
         supported_formats: Sequence[str] = ("json_schema", "json_object"),
         api_key: str | None = None,
+        echo_rate: float = 0.0,
     ):
         for name, rate in (("label_noise", label_noise), ("fail_rate", fail_rate),
-                           ("garbage_rate", garbage_rate), ("outside_taxonomy_rate", outside_taxonomy_rate)):
+                           ("garbage_rate", garbage_rate), ("outside_taxonomy_rate", outside_taxonomy_rate),
+                           ("echo_rate", echo_rate)):
             if not 0.0 <= rate <= 1.0:
                 raise ConfigError(f"teacher simulator {name} must be in [0, 1], got {rate}")
         for name, value in (("rate_limit_every", rate_limit_every), ("retry_after_s", retry_after_s),
@@ -187,6 +191,7 @@ class SimulatorServer:
         self.delay_s = delay_s
         self.garbage_rate = garbage_rate
         self.outside_taxonomy_rate = outside_taxonomy_rate
+        self.echo_rate = echo_rate
         self.supported_formats = frozenset(supported_formats)
         self._api_key = api_key  # None: any key is accepted, like a local vLLM or Ollama
         self._index = _PoolIndex(pool, seed)
@@ -195,7 +200,7 @@ class SimulatorServer:
         self._stats: dict[str, Any] = {
             "chat_requests": 0,  # every POST to chat/completions, faulted ones included
             "requests": Counter(),  # by kind: label, generate, invalid, unauthorized, models, health
-            "faults": Counter(),  # http_500, http_429, garbage, outside_taxonomy, delayed, format_rejected
+            "faults": Counter(),  # http_500, http_429, garbage, echo, outside_taxonomy, delayed, format_rejected
             "texts_labelled": 0,
             "samples_served": 0,
             "in_flight": 0,
@@ -268,6 +273,7 @@ class SimulatorServer:
             rate_limited = bool(self.rate_limit_every) and nth % self.rate_limit_every == 0
             failed = not rate_limited and self._rng.random() < self.fail_rate
             garbage = self._rng.random() < self.garbage_rate
+            echo = not garbage and self.echo_rate > 0 and self._rng.random() < self.echo_rate
         if self._api_key is not None and authorization != f"Bearer {self._api_key}":
             self._count("requests", "unauthorized")
             # Echoes the key it got, as some real servers do: the client must not repeat it.
@@ -313,6 +319,9 @@ class SimulatorServer:
         if garbage:
             self._count("faults", "garbage")
             content = GARBAGE
+        elif echo:
+            self._count("faults", "echo")
+            content = [m for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"][-1]["content"]
         elif fmt_type in (None, "text"):
             content = f"Here is the answer.\n```json\n{content}\n```"
         prompt_tokens = sum(estimate_tokens(str(m.get("content", ""))) for m in body["messages"] if isinstance(m, dict))
@@ -439,6 +448,8 @@ def add_simulator_args(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--garbage-rate", type=_rate, default=0.0, help="fraction of answers that are not JSON")
     faults.add_argument("--outside-taxonomy-rate", type=_rate, default=0.0,
                         help="fraction of labels replaced by one outside the taxonomy")
+    faults.add_argument("--echo-rate", type=_rate, default=0.0,
+                        help="fraction of answers that echo the request's user message (a prompt leak)")
 
 
 def run_simulator(args: argparse.Namespace) -> int:
@@ -457,6 +468,7 @@ def run_simulator(args: argparse.Namespace) -> int:
             pool, port=args.port, host=args.host, model=args.model, label_noise=args.label_noise, seed=args.seed,
             fail_rate=args.fail_rate, rate_limit_every=args.rate_limit_every, retry_after_s=args.retry_after_s,
             delay_s=args.delay_s, garbage_rate=args.garbage_rate, outside_taxonomy_rate=args.outside_taxonomy_rate,
+            echo_rate=args.echo_rate,
         ) as sim:
             if args.host not in ("127.0.0.1", "localhost", "::1"):
                 log.warning("teacher simulator is bound to %s, reachable beyond this machine", args.host)
