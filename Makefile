@@ -6,7 +6,7 @@ PYTEST = $(PYTHON) -m pytest -q
 pytest_ok_if_empty = status=0; $(PYTEST) $(1) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest: no tests collected"; status=0; fi; exit $$status
 
-.PHONY: setup demo test test-fast services-up services-down distill-demo
+.PHONY: setup demo test test-fast audit services-up services-down distill-demo
 
 ## install what this machine lacks: Debian packages, the package with its test extras, the Kafka jars
 setup:
@@ -24,6 +24,11 @@ test: setup
 ## the fast layer only: no Kafka, no Redis, nothing slow
 test-fast:
 	@$(call pytest_ok_if_empty,-m "not integration and not slow")
+
+## known vulnerabilities in the installed dependencies (pip-audit; accepted ones in deploy/audit-ignore.txt):
+## fails on a finding, warns (the audit did not run) when no vulnerability service answers
+audit: setup
+	$(PYTHON) deploy/audit.py
 
 ## Kafka on 127.0.0.1:9092 and Redis on 127.0.0.1:6379 (data in .local/), for local runs
 services-up:
