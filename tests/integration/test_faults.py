@@ -11,6 +11,7 @@ numbers in docs/RELIABILITY.md come from these prints.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import threading
@@ -97,7 +98,7 @@ def duplicates_and_gap(got: Collected, topic: str) -> tuple[int, float]:
     answers = [(ts, r) for ts, r in got.stamped(topic) if r["source"] == "student"]
     per_id = Counter(r["id"] for _, r in answers)
     stamps = sorted(ts for ts, _ in answers)
-    gap = max((b - a for a, b in zip(stamps, stamps[1:])), default=0.0)
+    gap = max((b - a for a, b in itertools.pairwise(stamps)), default=0.0)
     return sum(n - 1 for n in per_id.values()), gap
 
 
@@ -223,3 +224,190 @@ def test_redis_crash_and_restart_degrades_and_recovers(kafka_bootstrap, own_redi
           f"Redis down {up_at - down_at:.1f}s, {len(answered_while_down)} student answers meanwhile, "
           f"redis errors counted: classify {metric_sum(m_classify, 'pgkd_redis_errors_total'):.0f}, "
           f"teacher {metric_sum(m_teacher, 'pgkd_redis_errors_total'):.0f}; {keys_after} keys after restart")
+
+
+# --- every worker type SIGKILLed at random, over the whole loop -----------------------------
+
+CANARY_KEY = "sk-test-CANARY-7f3e9a1c5b2d"  # the teacher API key of the chaos run: must appear nowhere
+
+
+def _write_csv(path: Path, texts, labels) -> Path:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(texts, labels, strict=True))
+    return path
+
+
+class PointerWatch(threading.Thread):
+    """Reads the registry's current pointer every 0.3 s and verifies the version
+    it names (every file against the manifest): a partial version would fail."""
+
+    def __init__(self, registry: Registry):
+        super().__init__(daemon=True)
+        self.registry = registry
+        self.checks = 0
+        self.versions: list[str] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.3):
+            try:
+                version = self.registry.current()
+                if version is not None:
+                    self.registry.verify(version)
+                    if not self.versions or self.versions[-1] != version:
+                        self.versions.append(version)
+                self.checks += 1
+            except Exception as err:  # noqa: BLE001 - collected, asserted empty
+                self.failures.append(f"{type(err).__name__}: {err}")
+
+
+def test_random_sigkills_of_every_worker_type_lose_nothing_and_run_no_round_twice(
+        stream, tiny_student, sim_pool, tmp_path, redis_db_url):
+    rng = random.Random(7)
+    train, test = banking("train"), banking("test")
+    per_class: dict[str, list[int]] = {}
+    for i, label in enumerate(train.labels):
+        per_class.setdefault(label, []).append(i)
+    seed_rows = [i for rows in per_class.values() for i in rows[:3]]
+    val_rows = [i for rows in per_class.values() for i in rows[3:6]]
+    seed_train = _write_csv(tmp_path / "seed_train.csv", [train.texts[i] for i in seed_rows],
+                            [train.labels[i] for i in seed_rows])
+    seed_val = _write_csv(tmp_path / "seed_val.csv", [train.texts[i] for i in val_rows],
+                          [train.labels[i] for i in val_rows])
+    n = 3000
+    ids = [f"c{i}" for i in range(n)]
+    messages = [text_message(i, x) for i, x in zip(ids, test.texts[:n], strict=True)]
+
+    sim = SimulatorServer(sim_pool, api_key=CANARY_KEY)
+    env = stream(tiny_student, model_store=tmp_path / "models", teacher_base_url=sim.url,
+                 teacher_api_key=CANARY_KEY, low_conf_threshold=1.0, seed_train=seed_train, seed_val=seed_val,
+                 curator_batch_size=500, curator_batch_window_s=0, curator_drift_trigger="false",
+                 curator_generate=8, curator_target_classes=4, trainer_mode="head", trainer_epochs=20,
+                 trainer_patience=5, trainer_lock_ttl_s=3, trainer_max_attempts=3, model_poll_s=5,
+                 gate_min_macro_f1_gain=-1, gate_max_accuracy_drop=1, gate_max_class_f1_drop=1)
+    t, prefix = env.topics, env.env["PGKD_APP_ID_PREFIX"]
+    registry = Registry(tmp_path / "models", redis_db_url, namespace=prefix)
+    seed_version = registry.import_dir(tiny_student)
+    registry.promote(seed_version, reason="seed", round=0)
+    watch = PointerWatch(registry)
+    slots = ["classify", "classify", "teacher", "curator", "trainer"]
+    live = {slot: env.start(role) for slot, role in enumerate(slots)}
+    for worker in live.values():
+        worker.wait_ready()
+    watch.start()
+    producer = Producer(env.bootstrap, t["texts_in"], messages, rate_per_s=35)
+    producer.start()
+    # every slot killed at least 4 times, in random order, 2-5 s apart
+    schedule = [s for s in range(len(slots)) for _ in range(4)] + [rng.randrange(len(slots)) for _ in range(2)]
+    rng.shuffle(schedule)
+    kills: Counter[str] = Counter()
+    try:
+        for slot in schedule:
+            time.sleep(rng.uniform(2, 5))
+            live[slot].kill()
+            kills[slots[slot]] += 1
+            live[slot] = env.start(slots[slot])
+        producer.finish()
+        workers = list(live.values())
+
+        def answered(g: Collected) -> bool:
+            out = g.of(t["labels_out"])
+            return ({r["id"] for r in out if r["source"] == "student"} >= set(ids)
+                    and {r["id"] for r in out if r["source"] == "teacher"} >= set(ids))
+
+        got = collect_sync(env.bootstrap, [t["labels_out"], t["dlq"], t["retrain_requests"]], answered,
+                           timeout_s=420, workers=workers)
+        # every retrain request the curator made ends recorded (the trainer may still be busy)
+        deadline = time.monotonic() + 300
+        while True:
+            requests = collect_sync(env.bootstrap, [t["retrain_requests"]], lambda g: True, timeout_s=30,
+                                    linger_s=1).of(t["retrain_requests"])
+            pending = {r["request_id"] for r in requests} - {r["request_id"] for r in registry.rounds(1000)}
+            if not pending and requests:
+                break
+            assert time.monotonic() < deadline, f"retrain requests never recorded: {sorted(pending)}"
+            for worker in workers:
+                assert worker.alive(), f"{worker.role} exited:\n{worker.tail()}"
+            time.sleep(2)
+        everything = collect_sync(env.bootstrap, list(t.values()), lambda g: True, timeout_s=60, linger_s=2)
+        scraped = "\n".join(urllib_get(f"http://127.0.0.1:{w.metrics_port}/metrics") for w in workers)
+    finally:
+        watch.stop.set()
+        sim.close()
+    watch.join(5)
+    env.stop_all()
+
+    # zero ids lost, by the student and by the teacher
+    out = got.of(t["labels_out"])
+    student = [r for r in out if r["source"] == "student"]
+    assert {r["id"] for r in student} == set(ids)
+    assert {r["id"] for r in out if r["source"] == "teacher"} == set(ids)
+    assert [r for r in got.of(t["dlq"]) if r["stage"] != "teacher"] == []
+    by_version: dict[tuple[str, str], dict] = {}
+    for r in student:  # a redelivery by the same model version repeats the very same record
+        assert by_version.setdefault((r["id"], r["model_version"]), r) == r
+    dups = len(student) - n
+
+    # the pointer never named a partial version; every stored version is complete
+    assert watch.failures == [] and watch.checks > 100, (watch.failures[:3], watch.checks)
+    for version in registry.versions():
+        registry.verify(version)
+    leftovers = sorted(p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".tmp"))
+
+    # no retrain round ran twice to completion: one record per request, one request per batch
+    rounds = registry.rounds(1000)
+    per_request = Counter(r["request_id"] for r in rounds)
+    assert max(per_request.values()) == 1, per_request
+    completed = [r for r in rounds if r["outcome"] in ("promoted", "rejected")]
+    assert len(completed) >= 3, rounds
+    windows = {}
+    for r in requests:
+        windows.setdefault(r["request_id"], (r["since"], r["samples_upto"]))
+    assert len(set(windows.values())) == len(windows), windows  # a re-closed batch keeps its request id
+    assert len(set(watch.versions)) >= 2  # promotions happened while workers died
+
+    # the teacher key reached the teacher and nothing else
+    assert sim.stats["requests"].get("unauthorized", 0) == 0 and sim.stats["chat_requests"] > 0
+    haystacks = {"worker logs": env.logs(tail=10**9), "metrics": scraped,
+                 "topics": json.dumps({k: v for k, v in everything.records.items()}),
+                 "redis": _dump_redis(redis_db_url)}
+    haystacks["manifests"] = "".join((tmp_path / "models" / v / "manifest.json").read_text()
+                                     for v in registry.versions())
+    leaked = [where for where, text in haystacks.items() if CANARY_KEY in text or CANARY_KEY[8:] in text]
+    assert leaked == [], f"the teacher API key appears in {leaked}"
+
+    print(f"RELIABILITY chaos: {n} ids, {sum(kills.values())} SIGKILLs {dict(kills)}, 0 lost "
+          f"(student and teacher), {dups} duplicate student answers, {producer.resent} producer resends; "
+          f"pointer checked {watch.checks} times, 0 partial, versions served {watch.versions}; "
+          f"{len(rounds)} rounds recorded ({Counter(r['outcome'] for r in rounds)}), attempts "
+          f"{[r.get('attempts') for r in rounds]}, none twice; {len(leftovers)} .tmp leftovers; "
+          f"key found in none of {sorted(haystacks)} ({sum(len(v) for v in haystacks.values())} chars scanned)")
+
+
+def urllib_get(url: str) -> str:
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError as err:
+        return f"(unreachable: {err})"
+
+
+def _dump_redis(url: str) -> str:
+    """Every key and value of the test's Redis database, as text."""
+    client = redis.Redis.from_url(url)
+    parts = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key).decode()
+        value = {"string": lambda k: client.get(k), "list": lambda k: client.lrange(k, 0, -1),
+                 "hash": lambda k: client.hgetall(k), "set": lambda k: client.smembers(k),
+                 "zset": lambda k: client.zrange(k, 0, -1, withscores=True),
+                 "stream": lambda k: client.xrange(k)}.get(kind, lambda k: b"")(key)
+        parts.append(f"{key!r} {value!r}")
+    client.close()
+    return "\n".join(parts)
