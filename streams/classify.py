@@ -102,9 +102,11 @@ class Classifier:
             value=msg.value, ts=msg.ts, max_original_bytes=self.settings.dlq_max_original_bytes, id=ident,
         )
 
-    async def handle(self, batch: Sequence[Incoming]) -> None:
-        """Classify one batch and wait until every record it produced is stored
-        by the broker. Bad records become dead letters; the batch goes on."""
+    async def handle(self, batch: Sequence[Incoming]) -> asyncio.Future:
+        """Classify one batch and queue its records; returns a future that
+        resolves once the broker stored every one of them (run_batches acks the
+        batch then, and meanwhile classifies the next one). Bad records become
+        dead letters; the batch goes on."""
         model = self.model
         assert model is not None, "start() loads the model before the first batch"
         metrics.BATCH_SIZE.observe(len(batch))
@@ -152,8 +154,12 @@ class Classifier:
                     ts=msg.ts, extra=item.extra,
                 )
                 sends.append(send(self.topics.teacher_requests, item.id, request.dumps()))
-        # The broker has every record of the batch once these resolve; only then
+        # The broker has every record of the batch once this resolves; only then
         # may the caller ack the batch's events.
+        return asyncio.ensure_future(self._stored(sends, latencies, answered, model))
+
+    async def _stored(self, sends: list[Awaitable], latencies: list[float], answered: list[tuple[str, float]],
+                      model: ServingModel) -> None:
         await asyncio.gather(*sends)
         now = time.time()
         for ts in latencies:

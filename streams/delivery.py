@@ -11,10 +11,17 @@ produced. The consumer then commits acked offsets (after a producer flush).
 If a batch fails anyway (the producer gave up after its retries, or a bug), the
 process exits without acking it: a restart redelivers the batch. Going on would
 leave a hole below the committed offset that only a restart fills.
+
+Pipelining (the classifier): a handler may return, instead of None, an
+awaitable that resolves once the broker has acknowledged the batch's records.
+The next batch is then taken and handled (its inference runs) while those
+acknowledgements arrive; batches are still acked strictly in order, each only
+after its records are stored, and at most two are unacknowledged at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -71,18 +78,51 @@ async def run_batches(
     stream,
     size: int,
     within_s: float,
-    handle: Callable[[Sequence[Incoming]], Awaitable[None]],
+    handle: Callable[[Sequence[Incoming]], Awaitable[Awaitable | None]],
     what: str,
-    exit: Callable[[int], object] | None = None,  # noqa: A002  # tests pass a fake
+    exit: Callable[[int], object] | None = None,  # tests pass a fake
 ) -> None:
-    """Feed batches of ``stream`` to ``handle``; ack each batch once ``handle`` returned."""
-    async for events in stream.noack_take(size, within=within_s):
+    """Feed batches of ``stream`` to ``handle``; ack each batch once its records are stored.
+
+    ``handle`` returns None when the batch is complete, or an awaitable of the
+    broker's acknowledgements (pipelined: see the module docstring)."""
+    leave = exit or _exit_now
+    previous: asyncio.Task | None = None  # the batch before, still completing
+
+    async def complete(events, stored: Awaitable | None, before: asyncio.Task | None) -> bool:
+        if before is not None and not await before:
+            return False  # an earlier batch failed: never ack past it
         try:
-            await handle([incoming(event) for event in events])
+            if stored is not None:
+                await stored
         except Exception:
             log.critical("%s batch of %d failed; exiting without acknowledging it (a restart redelivers it)",
                          what, len(events), exc_info=True)
-            (exit or _exit_now)(EXIT_BATCH_FAILED)
-            return
+            leave(EXIT_BATCH_FAILED)
+            return False
         for event in events:
             await stream.ack(event)
+        return True
+
+    async for events in stream.noack_take(size, within=within_s):
+        try:
+            stored = await handle([incoming(event) for event in events])
+        except Exception:
+            log.critical("%s batch of %d failed; exiting without acknowledging it (a restart redelivers it)",
+                         what, len(events), exc_info=True)
+            if previous is not None:
+                await asyncio.shield(previous)  # the batch before may still be acked: its records are stored
+            leave(EXIT_BATCH_FAILED)
+            return
+        if stored is None and previous is None:
+            if not await complete(events, None, None):
+                return
+            continue
+        task = asyncio.ensure_future(complete(events, stored, previous))
+        if previous is not None and not await previous:  # at most two batches unacknowledged
+            return
+        previous = task
+        if task.done() and not task.result():
+            return
+    if previous is not None:
+        await previous
