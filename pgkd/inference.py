@@ -9,6 +9,7 @@ A rejected input becomes a dead letter whose ``reason`` is one of
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,12 @@ REJECT_REASONS = (
     "empty_text",  # text empty or only whitespace
     "text_too_long",  # more than max_text_chars characters
 )
+
+# Deepest nesting of arrays/objects an input may have. Outputs carry ``extra`` on
+# inside another record, encoded deep in a worker's stack; CPython 3.11 counts
+# the C encoder's recursion against the same limit as Python frames, so an input
+# nested ~900 levels deep would parse here and then fail to encode there.
+MAX_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -66,13 +73,15 @@ def parse_input(raw: bytes | None, max_text_chars: int, max_id_chars: int = 256)
     except UnicodeDecodeError as err:
         return Rejected("not_utf8", f"value is not UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r})")
     try:
-        obj = json.loads(decoded, parse_constant=_no_constant)
+        obj = load_json(decoded)
     except ValueError as err:
         return Rejected("malformed_json", f"value is not JSON: {err}")
-    except RecursionError:
-        return Rejected("malformed_json", "value is not JSON: nested too deeply")
     if not isinstance(obj, dict):
         return Rejected("not_object", f"expected a JSON object with id and text, got {type(obj).__name__}")
+    if "\\u" in decoded and not _encodable(json.dumps(obj, ensure_ascii=False)):
+        # "\\ud800"-style escapes decode to lone surrogates: no tokenizer or UTF-8 consumer can take them.
+        # Checked before any field is read, so a rejected record never carries such an id as its key.
+        return Rejected("not_utf8", "the JSON holds a lone surrogate escape (\\ud800-\\udfff)")
     ident = obj.get("id")
     if "id" not in obj:
         return Rejected("missing_id", 'the object has no "id"')
@@ -88,16 +97,61 @@ def parse_input(raw: bytes | None, max_text_chars: int, max_id_chars: int = 256)
         return Rejected("empty_text", '"text" is empty', ident)
     if len(text) > max_text_chars:
         return Rejected("text_too_long", f'"text" has {len(text)} characters, the limit is {max_text_chars}', ident)
-    if "\\u" in decoded and not _encodable(json.dumps(obj, ensure_ascii=False)):
-        # "\\ud800"-style escapes decode to lone surrogates: no tokenizer or UTF-8 consumer can take them
-        return Rejected("not_utf8", "the JSON holds a lone surrogate escape (\\ud800-\\udfff)")
     extra = {k: v for k, v in obj.items() if k not in ("id", "text")}
     return TextIn(ident, text, extra)
+
+
+def load_json(raw: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON: only what our own outputs can carry on as valid JSON.
+
+    Raises ValueError (one line) for text that is not JSON, for ``NaN`` and
+    ``Infinity``, for numbers that overflow a float (``1e999`` would become
+    ``inf``), and for nesting deeper than ``max_depth`` levels.
+
+    >>> load_json('{"a": [1, 2.5]}')
+    {'a': [1, 2.5]}
+    >>> load_json('[1e999]')
+    Traceback (most recent call last):
+    ...
+    ValueError: number 1e999 is out of range
+    >>> load_json('[[[]]]', max_depth=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: nested deeper than 2 levels
+    """
+    try:
+        value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {max_depth} levels") from None
+    if _deeper_than(value, max_depth):
+        raise ValueError(f"nested deeper than {max_depth} levels")
+    return value
 
 
 def _no_constant(name: str) -> Any:
     # NaN/Infinity are not JSON; carried in ``extra`` they would make our outputs invalid JSON too.
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def _deeper_than(value: Any, max_depth: int) -> bool:
+    # Iterative: the point is to measure nesting without recursing into it.
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > max_depth:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def _encodable(s: str) -> bool:

@@ -17,7 +17,10 @@ Redis holds what must change atomically and be shared by every worker:
 ``{ns}:registry:claim:<id>``   SET NX: one trainer runs a retrain request
 
 Nothing here is loaded or promoted without first checking every file against
-its checksum (:class:`ModelIntegrityError` names the file).
+its checksum (:class:`ModelIntegrityError` names the file). Only files inside
+the version directory are ever read: a name in the manifest is hashed only when
+it is one of the directory's own regular files, and a symbolic link or a pickle
+file in the directory refuses the whole version.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 LABELS_FILE = "labels.json"  # = pgkd.student.LABELS_FILE (not imported: that would load torch)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # = pgkd.student.PICKLE_SUFFIXES
 TMP_PREFIX = ".tmp-"
-VERSION_RE = re.compile(r"^v(\d{4,})$")
+VERSION_RE = re.compile(r"^v(\d{4,})\Z")  # \Z: "$" would also match before a final newline
 OUTCOMES = ("promoted", "rejected", "failed")
 STACK_DEPTH = 1000  # how many promotions back a rollback can go
 _CHUNK = 1 << 20
@@ -238,6 +242,8 @@ class Registry:
     def manifest(self, version: str) -> dict:
         """The version's manifest.json (read, not verified)."""
         path = self.path(version) / MANIFEST_FILE
+        if path.is_symlink():
+            raise ModelIntegrityError(f"{version} refused: {MANIFEST_FILE} is a symbolic link in {path.parent}")
         if not path.is_file():
             raise ModelIntegrityError(f"{version} refused: {MANIFEST_FILE} is missing in {path.parent}")
         try:
@@ -248,9 +254,13 @@ class Registry:
             raise ModelIntegrityError(
                 f"{version} refused: {MANIFEST_FILE} is unreadable ({_first_line(err)}) in {path.parent}"
             ) from None
+        except RecursionError:  # a nesting bomb
+            raise ModelIntegrityError(
+                f"{version} refused: {MANIFEST_FILE} is unreadable (nested too deeply) in {path.parent}"
+            ) from None
         if manifest.get("version") != version:
             raise ModelIntegrityError(
-                f"{version} refused: {MANIFEST_FILE} names version {manifest.get('version')!r} in {path.parent}"
+                f"{version} refused: {MANIFEST_FILE} names version {manifest.get('version')!r:.60} in {path.parent}"
             )
         return manifest
 
@@ -260,23 +270,33 @@ class Registry:
         path = self.path(version)
         manifest = self.manifest(version)
         listed: dict[str, str] = manifest["files"]
+        links = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_symlink())
+        if links:  # a link would make us hash (and later load) a file outside the version
+            raise ModelIntegrityError(f"{version} refused: {_shown(links[0])} is a symbolic link in {path}")
         present = set(_files(path)) - {MANIFEST_FILE}
+        pickles = sorted(name for name in present | listed.keys() if name.lower().endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise ModelIntegrityError(
+                f"{version} refused: {_shown(pickles[0])} is a pickle file (only safetensors are loaded) in {path}"
+            )
+        # A listed name is hashed only if it is one of the directory's own files:
+        # "../x" or "/etc/passwd" is never one, so it is "missing", never read.
         missing = sorted(listed.keys() - present)
         if missing:
             raise ModelIntegrityError(
-                f"{version} refused: {missing[0]} is missing (listed in {MANIFEST_FILE}) in {path}"
+                f"{version} refused: {_shown(missing[0])} is missing (listed in {MANIFEST_FILE}) in {path}"
             )
         extra = sorted(present - listed.keys())
         if extra:
             raise ModelIntegrityError(
-                f"{version} refused: {extra[0]} is not listed in {MANIFEST_FILE} (extra file) in {path}"
+                f"{version} refused: {_shown(extra[0])} is not listed in {MANIFEST_FILE} (extra file) in {path}"
             )
         for name, expected in sorted(listed.items()):
             found = sha256_file(path / name)
             if found != expected:
                 raise ModelIntegrityError(
-                    f"{version} refused: {name} does not match its sha256 "
-                    f"(manifest {str(expected)[:12]}..., file {found[:12]}...) in {path}"
+                    f"{version} refused: {_shown(name)} does not match its sha256 "
+                    f"(manifest {_shown(str(expected)[:12])}..., file {found[:12]}...) in {path}"
                 )
         return manifest
 
@@ -291,6 +311,8 @@ class Registry:
         """The version's label set, from its checksum-verified labels.json, without reading the weights."""
         path = self.path(version) / LABELS_FILE
         expected = self.manifest(version)["files"].get(LABELS_FILE)
+        if path.is_symlink():
+            raise ModelIntegrityError(f"{version} refused: {LABELS_FILE} is a symbolic link in {path.parent}")
         if expected is None or not path.is_file():
             raise ModelIntegrityError(f"{version} refused: {LABELS_FILE} is missing in {path.parent}")
         if sha256_file(path) != expected:
@@ -525,6 +547,18 @@ def _json_default(obj: Any) -> Any:
     if type(obj).__name__ == "device":  # torch.device
         return str(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _shown(name: str, width: int = 80) -> str:
+    """A file name as an error message shows it: as is when plain, else quoted
+    with escapes, so a name holding a newline cannot split the message.
+
+    >>> _shown("model.safetensors")
+    'model.safetensors'
+    >>> print(_shown("a\\nb"))
+    'a\\nb'
+    """
+    return name if name.isprintable() and len(name) <= width else repr(name[:width])
 
 
 def _first_line(err: Exception) -> str:

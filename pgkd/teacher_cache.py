@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -116,9 +117,10 @@ class TeacherCache:
         try:
             obj = json.loads(value)
             hit = CachedLabel(str(obj["label"]), str(obj["teacher_model"]), float(obj["ts"]))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return None  # unreadable entry: a miss, overwritten by the next answer
-        return hit if hit.label in self._taxonomy else None
+        # ts becomes the labelled_at of a teacher.labels record: NaN or inf would make it invalid JSON
+        return hit if hit.label in self._taxonomy and math.isfinite(hit.ts) else None
 
     async def put_many(self, answers: Sequence[tuple[str, CachedLabel]]) -> None:
         """Store (text, answer) pairs; skipped (logged, counted) when Redis is down."""

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar
 
 import faust
+
+from pgkd.inference import load_json
 
 
 class LabelOut(faust.Record, serializer="json", include_metadata=False):
@@ -49,16 +52,12 @@ class TeacherRequest(faust.Record, serializer="json", include_metadata=False):
     @classmethod
     def parse(cls, raw: bytes | None) -> TeacherRequest | str:
         """A teacher.requests value -> the Record, or why it cannot be read (a dead letter)."""
-        try:
-            obj = json.loads(raw or b"")
-            if not isinstance(obj, dict):
-                return f"expected a JSON object, got {type(obj).__name__}"
-            request = cls.from_data(obj)
-        except (ValueError, TypeError, KeyError) as err:
-            return f"unreadable teacher request: {type(err).__name__}: {err}"
+        request = _decode(cls, raw, "teacher request")
+        if isinstance(request, str):
+            return request
         if not isinstance(request.id, str) or not isinstance(request.text, str) or not request.text.strip():
             return "a teacher request needs a string id and a non-empty text"
-        return request
+        return _check_types(request, "teacher request")
 
 
 class TeacherLabel(faust.Record, serializer="json", include_metadata=False):
@@ -78,17 +77,12 @@ class TeacherLabel(faust.Record, serializer="json", include_metadata=False):
     @classmethod
     def parse(cls, raw: bytes | None) -> TeacherLabel | str:
         """A teacher.labels value -> the Record, or why it cannot be read (the curator counts it)."""
-        try:
-            obj = json.loads(raw or b"")
-            if not isinstance(obj, dict):
-                return f"expected a JSON object, got {type(obj).__name__}"
-            record = cls.from_data(obj)
-            record.student_confidence = float(record.student_confidence)
-        except (ValueError, TypeError, KeyError) as err:
-            return f"unreadable teacher label: {type(err).__name__}: {err}"
+        record = _decode(cls, raw, "teacher label")
+        if isinstance(record, str):
+            return record
         if not all(isinstance(v, str) and v for v in (record.id, record.text, record.label)):
             return "a teacher label needs a string id, text and label"
-        return record
+        return _check_types(record, "teacher label")
 
 
 class RetrainRequest(faust.Record, serializer="json", include_metadata=False):
@@ -108,17 +102,12 @@ class RetrainRequest(faust.Record, serializer="json", include_metadata=False):
     @classmethod
     def parse(cls, raw: bytes | None) -> RetrainRequest | str:
         """A retrain.requests value -> the Record, or why it cannot be read."""
-        try:
-            obj = json.loads(raw or b"")
-            if not isinstance(obj, dict):
-                return f"expected a JSON object, got {type(obj).__name__}"
-            request = cls.from_data(obj)
-            int(request.round)
-        except (ValueError, TypeError, KeyError) as err:
-            return f"unreadable retrain request: {type(err).__name__}: {err}"
+        request = _decode(cls, raw, "retrain request")
+        if isinstance(request, str):
+            return request
         if not isinstance(request.request_id, str) or not request.request_id:
             return "a retrain request needs a string request_id"
-        return request
+        return _check_types(request, "retrain request")
 
 
 class DeadLetter(faust.Record, serializer="json", include_metadata=False):
@@ -168,6 +157,60 @@ class DeadLetter(faust.Record, serializer="json", include_metadata=False):
 
     def key(self) -> str:
         return self.id if self.id is not None else f"{self.topic}:{self.partition}:{self.offset}"
+
+
+R = TypeVar("R", bound=faust.Record)
+
+# The declared field types (annotations are strings here) -> the JSON values that fit.
+# faust does not check types on from_data: an unchecked ts="soon" or extra=[...]
+# would fail later, inside the worker, instead of here as a dead letter.
+_FITS: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: isinstance(v, str),
+    "Optional[str]": lambda v: v is None or isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "list": lambda v: isinstance(v, list),
+    "dict": lambda v: isinstance(v, dict),
+}
+
+
+def _decode(cls: type[R], raw: bytes | None, what: str) -> R | str:
+    """The Record of a raw value, or a one-line reason it cannot be read."""
+    try:
+        obj = load_json(raw or b"")
+    except ValueError as err:  # not JSON, not UTF-8, NaN/Infinity, nested too deep
+        return _one_line(f"unreadable {what}: {type(err).__name__}: {err}")
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    if b"\\u" in (raw or b"") and not _utf8(json.dumps(obj, ensure_ascii=False)):
+        return f"unreadable {what}: the JSON holds a lone surrogate escape (\\ud800-\\udfff)"
+    try:
+        return cls.from_data(obj)
+    except (ValueError, TypeError, KeyError) as err:  # e.g. a missing field
+        return _one_line(f"unreadable {what}: {type(err).__name__}: {err}")
+
+
+def _check_types(record: R, what: str) -> R | str:
+    """The record when every declared field holds a value of its type, else the first misfit."""
+    for name, kind in type(record).__annotations__.items():
+        value = getattr(record, name)
+        if not _FITS[kind](value):
+            return f"a {what} needs {name} as {kind}, got {type(value).__name__}"
+    return record
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _one_line(text: str, width: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat[:width] + ("..." if len(flat) > width else "")
 
 
 def to_plain(record: faust.Record) -> dict[str, Any]:
