@@ -126,7 +126,7 @@ def run_pip_audit(pins: dict[str, str], service: str, ignores: dict[str, str]) -
         for vuln_id in ignores:
             cmd += ["--ignore-vuln", vuln_id]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
             return Outcome(False, why_not_run="pip-audit did not finish within 900s")
         text = report.read_text() if report.exists() else ""
