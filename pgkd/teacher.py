@@ -13,6 +13,13 @@ label) are retried with exponential backoff and jitter; after the last try the
 call raises :class:`TeacherError` with a one-line reason. Before every HTTP
 call a spent budget raises :class:`BudgetExhausted`. The API key is never
 logged and never part of a message or repr.
+
+Budget, strictly: every request carries ``max_tokens``, so the most one call
+can cost is known before it is made (prompt tokens are at most the prompt's
+UTF-8 bytes plus a few per message, completion tokens at most ``max_tokens``).
+With a :class:`SpendGate` (the stream's shared ledger in Redis) that worst case
+is booked before the call and replaced by the real cost after it, so the
+workers together never spend past the budget.
 """
 
 from __future__ import annotations
@@ -57,6 +64,31 @@ GENERATION_TEMPERATURE = 0.7  # generation wants diverse texts, not the same few
 RETRY_AFTER_CAP_S = 120.0  # a Retry-After longer than this is a misbehaving server
 _RETRYABLE_STATUS = {408, 409, 429}  # plus every 5xx
 _FORMAT_LEVELS = ("json_schema", "json_object", "none")  # response_format, best first
+# max_tokens of a request: '{"i": 12, "label": "card_payment_fee_charged"},' is ~15 tokens; a
+# generated sample (a text of a sentence or two, its label, the JSON around it) rarely passes 60
+LABEL_MAX_TOKENS = (64, 40)  # base, per text
+GENERATION_MAX_TOKENS = (256, 120)  # base, per sample asked for
+TOKENS_PER_MESSAGE = 8  # chat-format overhead per message, generous (OpenAI's is 3-4)
+
+
+def max_prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
+    """An upper bound on the prompt tokens of ``messages`` for a byte-level BPE
+    tokenizer (every token covers at least one UTF-8 byte).
+
+    >>> max_prompt_tokens([{"role": "user", "content": "héllo"}])
+    30
+    """
+    return sum(len(m["content"].encode("utf-8")) + TOKENS_PER_MESSAGE for m in messages) + 16
+
+
+@runtime_checkable
+class SpendGate(Protocol):
+    """A shared budget that books a call's worst-case cost before it is made
+    (:class:`pgkd.teacher_cache.SpendLedger` in the stream)."""
+
+    async def reserve(self, max_cost_usd: float) -> bool: ...  # False: it would take the total past the budget
+
+    async def settle(self, reserved_usd: float, cost_usd: float) -> None: ...
 
 
 @dataclass
@@ -155,8 +187,10 @@ class OpenAITeacher:
     ``label``/``generate`` run them with ``asyncio.run`` and so must not be
     called from inside a running event loop (they raise RuntimeError there).
     Label requests carry ``batch_size`` texts each; at most ``concurrency``
-    requests are in flight at once. With concurrent requests the budget can be
-    overshot by the cost of the requests already in flight.
+    requests are in flight at once. Its own ``budget_usd`` is checked before
+    each call against what this client spent, so concurrent calls can overshoot
+    it by those in flight; a ``spend`` gate books each call's worst case first
+    and cannot be overshot.
     """
 
     def __init__(
@@ -176,6 +210,7 @@ class OpenAITeacher:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
         seed: int | None = None,
+        spend: SpendGate | None = None,
     ):
         if len(set(taxonomy)) < 2 or len(set(taxonomy)) != len(taxonomy):
             raise ConfigError(f"teacher taxonomy needs at least 2 distinct labels, no repeats; got {len(taxonomy)}")
@@ -197,6 +232,7 @@ class OpenAITeacher:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.usage = Usage()
+        self.spend = spend
         # Local servers accept any key, but the client refuses an empty one.
         self._api_key = SecretStr(api_key or "not-needed")
         self._rng = random.Random(seed)
@@ -260,7 +296,8 @@ class OpenAITeacher:
             return samples, rejected
 
         samples, rejected = await self._ask(
-            messages, generation_response_format(target_classes), GENERATION_TEMPERATURE, parse
+            messages, generation_response_format(target_classes), GENERATION_TEMPERATURE, parse,
+            GENERATION_MAX_TOKENS[0] + GENERATION_MAX_TOKENS[1] * n,
         )
         return GenerationResult(samples=samples, requested=n, rejected=rejected)
 
@@ -300,7 +337,8 @@ class OpenAITeacher:
                 )
             return labels  # type: ignore[return-value]  # no None left
 
-        return await self._ask(messages, label_response_format(self.taxonomy), LABEL_TEMPERATURE, parse)
+        max_tokens = LABEL_MAX_TOKENS[0] + LABEL_MAX_TOKENS[1] * len(texts)
+        return await self._ask(messages, label_response_format(self.taxonomy), LABEL_TEMPERATURE, parse, max_tokens)
 
     async def _ask(
         self,
@@ -308,6 +346,7 @@ class OpenAITeacher:
         schema_format: dict[str, Any],
         temperature: float,
         parse: Callable[[str], T],
+        max_tokens: int,
     ) -> T:
         """Send, parse, and retry what a retry can fix; BudgetExhausted and
         non-retryable HTTP errors pass straight through."""
@@ -315,7 +354,7 @@ class OpenAITeacher:
         reason = ""
         for attempt in range(tries):
             try:
-                return parse(await self._complete(messages, schema_format, temperature))
+                return parse(await self._complete(messages, schema_format, temperature, max_tokens))
             except (_Retry, ResponseFormatError) as err:
                 self.usage.add(errors=1)
                 reason = self._redact(" ".join(str(err).split()))
@@ -333,21 +372,32 @@ class OpenAITeacher:
         cap = min(self.backoff_max_s, self.backoff_base_s * 2**attempt)
         return cap / 2 + self._rng.uniform(0, cap / 2)
 
-    async def _complete(self, messages: list[dict[str, str]], schema_format: dict[str, Any], temperature: float) -> str:
+    async def _complete(self, messages: list[dict[str, str]], schema_format: dict[str, Any], temperature: float,
+                        max_tokens: int) -> str:
         """One chat completion; the content of its answer, usage accounted."""
         client, semaphore = self._client()
         level = self._format_level
+        worst = (max_prompt_tokens(messages) * self.price_prompt_per_mtok
+                 + max_tokens * self.price_completion_per_mtok) / 1e6
         async with semaphore:
             while True:
                 self._check_budget()
+                if self.spend is not None and not await self.spend.reserve(worst):
+                    raise BudgetExhausted(
+                        f"teacher budget too low for the next call (it may cost up to ${worst:.4f}); "
+                        "raise teacher_budget_usd to continue"
+                    )
                 fmt = (schema_format, JSON_OBJECT_FORMAT, None)[level]
                 extra = {"response_format": fmt} if fmt is not None else {}
                 self.usage.add(calls=1)
                 started = time.perf_counter()
+                cost = 0.0  # a call that got no answer is not charged
                 try:
                     response = await client.chat.completions.create(
-                        model=self.model, messages=messages, temperature=temperature, **extra
+                        model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra
                     )
+                    cost = self._account(response, messages, _content(response) or "",
+                                         time.perf_counter() - started)
                 except openai.BadRequestError as err:
                     if level + 1 < len(_FORMAT_LEVELS):
                         # Many servers reject json_schema (or any response_format) with a 400:
@@ -373,16 +423,18 @@ class OpenAITeacher:
                     raise _Retry(f"connection error: {type(cause).__name__}: {cause}") from None
                 except openai.APIError as err:  # e.g. a body that is not a chat completion
                     raise _Retry(self._redact(f"unusable response: {type(err).__name__}: {err}")) from None
+                finally:
+                    if self.spend is not None:
+                        await self.spend.settle(worst, cost)
                 break
         if level > self._format_level:
             self._format_level = level
         content = _content(response)
-        self._account(response, messages, content or "", time.perf_counter() - started)
         if not content:
             raise _Retry("answer has no message content")
         return content
 
-    def _account(self, response: Any, messages: list[dict[str, str]], content: str, seconds: float) -> None:
+    def _account(self, response: Any, messages: list[dict[str, str]], content: str, seconds: float) -> float:
         usage = getattr(response, "usage", None)
         if usage is not None and usage.prompt_tokens is not None:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens or 0
@@ -392,6 +444,7 @@ class OpenAITeacher:
         cost = (prompt * self.price_prompt_per_mtok + completion * self.price_completion_per_mtok) / 1e6
         self.usage.add(prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost)
         log.debug("teacher call: %d prompt + %d completion tokens, $%.6f, %.2fs", prompt, completion, cost, seconds)
+        return cost
 
     def _check_budget(self) -> None:
         if self.budget_usd is not None and self.usage.cost_usd >= self.budget_usd:

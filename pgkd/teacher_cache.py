@@ -117,7 +117,7 @@ class TeacherCache:
         try:
             obj = json.loads(value)
             hit = CachedLabel(str(obj["label"]), str(obj["teacher_model"]), float(obj["ts"]))
-        except (ValueError, KeyError, TypeError, RecursionError):
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             return None  # unreadable entry: a miss, overwritten by the next answer
         # ts becomes the labelled_at of a teacher.labels record: NaN or inf would make it invalid JSON
         return hit if hit.label in self._taxonomy and math.isfinite(hit.ts) else None
@@ -190,8 +190,51 @@ class SpendLedger:
     async def remaining(self) -> float:
         return await self.budget() - await self.spent()
 
+    async def reserve(self, max_cost_usd: float) -> bool:
+        """Book the most one teacher call can cost before making it; False (nothing
+        booked) when that would take the total past the budget.
+
+        Every worker books into the shared total first (INCRBYFLOAT) and takes its
+        booking back if the total went over, so concurrent calls of all workers
+        can never spend more than the budget together: at worst two racing
+        callers both back off. :meth:`settle` replaces the booking by the real
+        cost once the answer came. A worker killed in between leaves its booking
+        counted (spend is over-, never under-estimated). While Redis is down the
+        worker books against its last known total plus what it spent since."""
+        if max_cost_usd <= 0:
+            return True
+        budget = await self.budget()
+        try:
+            total = float(await self._redis.incrbyfloat(self.key, max_cost_usd + self._unsynced))
+            self._unsynced = 0.0
+            if total > budget:
+                total = float(await self._redis.incrbyfloat(self.key, -max_cost_usd))
+                self._last_known = total
+                return False
+            self._last_known = total
+            return True
+        except (redis.RedisError, OSError) as err:
+            _warn("spend reserve", err)
+            self._on_error("spend_reserve")
+            if self._last_known + self._unsynced + max_cost_usd > budget:
+                return False
+            self._unsynced += max_cost_usd
+            return True
+
+    async def settle(self, reserved_usd: float, cost_usd: float) -> None:
+        """Replace a booking of :meth:`reserve` by what the call really cost."""
+        if cost_usd > reserved_usd:
+            log.warning("a teacher call cost $%.6f, more than the $%.6f booked for it (usage above the bound)",
+                        cost_usd, reserved_usd)
+        await self._adjust(cost_usd - reserved_usd)
+
     async def add(self, cost_usd: float) -> None:
         if cost_usd <= 0:
+            return
+        await self._adjust(cost_usd)
+
+    async def _adjust(self, cost_usd: float) -> None:
+        if cost_usd == 0:
             return
         try:
             self._last_known = float(await self._redis.incrbyfloat(self.key, cost_usd + self._unsynced))

@@ -201,7 +201,8 @@ class Curator:
             return {**summary, "skipped": f"teacher budget exhausted (${spent:.4f} of ${budget:g} spent)"}, targets
         batch_samples = [x for x in await self.state.read(since=closing.since) if x.source == "teacher"]
         mined = mine_from_samples(batch_samples, self.taxonomy, s.curator_n_examples, seed=closing.round)
-        teacher = OpenAITeacher.from_settings(s, self.taxonomy, concurrency=1, budget_usd=budget - spent)
+        # the ledger books the call's worst-case cost first and settles it after (no overshoot)
+        teacher = OpenAITeacher.from_settings(s, self.taxonomy, concurrency=1, budget_usd=None, spend=self.ledger)
         try:
             gen = await teacher.agenerate(report or live_report(stats), mined, targets, s.curator_generate,
                                           known_texts=self.known_texts)
@@ -211,7 +212,6 @@ class Curator:
             log.warning("generation for round %d failed: %s", closing.round, err)
             return {**summary, "requested": s.curator_generate, "skipped": f"generation failed: {err}"}, targets
         finally:
-            await self.ledger.add(teacher.usage.cost_usd)
             summary["cost_usd"] = round(teacher.usage.cost_usd, 6)
             await teacher.aclose()
 

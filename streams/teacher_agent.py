@@ -74,7 +74,8 @@ class TeacherWorker:
         # included) is its own; the pool size is the concurrency limit.
         self._pool: asyncio.Queue[OpenAITeacher] = asyncio.Queue()
         for _ in range(s.teacher_concurrency):
-            self._pool.put_nowait(OpenAITeacher.from_settings(s, self.taxonomy, concurrency=1))
+            # the ledger books each call's worst-case cost first: all workers together stay within the budget
+            self._pool.put_nowait(OpenAITeacher.from_settings(s, self.taxonomy, concurrency=1, spend=self.ledger))
         metrics.TEACHER_BUDGET.set(s.teacher_budget_usd)
         self._started = True
         log.info("teacher worker: %s at %s, %d labels, budget $%g", s.teacher_model, s.teacher_base_url,
@@ -167,19 +168,20 @@ class TeacherWorker:
             if spent >= budget:
                 await self._wait_for_budget(budget, spent)
                 continue
-            await self._budget_available(budget, spent)
             metrics.TEACHER_RATE_LIMITED.inc(await self.limiter.acquire(tokens))
             teacher = await self._pool.get()
             before = teacher.usage.copy()
-            # the client's own check, before each try, keeps retries inside the budget too
-            teacher.budget_usd = teacher.usage.cost_usd + (budget - spent)
+            teacher.budget_usd = None  # the shared ledger (spend=) books every call, retries included
             started = time.perf_counter()
+            hold = ""
             try:
                 labels = await teacher.alabel(texts)
-            except BudgetExhausted:
+            except BudgetExhausted as err:
+                # what is left cannot pay for the next call's worst case: hold, like a spent budget
                 await self._account(teacher.usage - before, "budget_exhausted")
-                continue  # the loop waits for budget, then asks again
+                hold = str(err)
             except TeacherError as err:
+                await self._budget_available(budget, spent)  # a call was paid for: the hold is over
                 await self._account(teacher.usage - before, "error")
                 metrics.TEACHER_ERRORS.labels(error_reason(err)).inc()
                 log.warning("teacher request of %d texts failed: %s", len(texts), err)
@@ -187,6 +189,10 @@ class TeacherWorker:
             finally:
                 self._pool.put_nowait(teacher)
                 metrics.TEACHER_LATENCY.observe(time.perf_counter() - started)
+            if hold:
+                await self._wait_for_budget(budget, await self.ledger.spent(), hold)
+                continue  # then ask again
+            await self._budget_available(budget, spent)
             delta = teacher.usage - before
             await self._account(delta, "ok")
             return labels, delta, time.time()
@@ -196,14 +202,14 @@ class TeacherWorker:
         metrics.TEACHER_TOKENS.labels("prompt").inc(delta.prompt_tokens)
         metrics.TEACHER_TOKENS.labels("completion").inc(delta.completion_tokens)
         metrics.TEACHER_COST.inc(delta.cost_usd)
-        metrics.TEACHER_RETRIES.inc(delta.retries)
-        await self.ledger.add(delta.cost_usd)
+        metrics.TEACHER_RETRIES.inc(delta.retries)  # the cost is in the ledger already (booked per call)
 
-    async def _wait_for_budget(self, budget: float, spent: float) -> None:
+    async def _wait_for_budget(self, budget: float, spent: float, why: str = "") -> None:
         if not self._exhausted:
             self._exhausted = True
-            reason = (f"teacher budget of ${budget:g} is spent (${spent:.4f}); holding teacher.requests "
-                      f"unacknowledged until {self.ledger.budget_key} or PGKD_TEACHER_BUDGET_USD is raised")
+            reason = (f"teacher budget of ${budget:g} is spent (${spent:.4f}{'; ' + why if why else ''}); holding "
+                      f"teacher.requests unacknowledged until {self.ledger.budget_key} or PGKD_TEACHER_BUDGET_USD "
+                      "is raised")
             log.error("%s", reason)
             metrics.TEACHER_BUDGET_EXHAUSTED.set(1)
             await self.ledger.record_status(True, reason, budget)
