@@ -10,10 +10,10 @@ import asyncio
 import pytest
 
 from pgkd.errors import BudgetExhausted
+from pgkd.prompts import build_label_messages
 from pgkd.simulator import SimulatorServer
 from pgkd.teacher import LABEL_MAX_TOKENS, OpenAITeacher, max_prompt_tokens
 from pgkd.teacher_cache import SpendLedger, connect
-from pgkd.prompts import build_label_messages
 
 pytestmark = pytest.mark.integration
 
