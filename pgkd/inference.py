@@ -31,11 +31,13 @@ REJECT_REASONS = (
     "text_too_long",  # more than max_text_chars characters
 )
 
-# Deepest nesting of arrays/objects an input may have. Outputs carry ``extra`` on
-# inside another record, encoded deep in a worker's stack; CPython 3.11 counts
-# the C encoder's recursion against the same limit as Python frames, so an input
-# nested ~900 levels deep would parse here and then fail to encode there.
+# What our outputs can encode bounds what an input may hold: outputs carry ``extra``
+# on inside another record, and Faust encodes records with orjson (at most 255
+# levels, integers of 64 bits) or, without it, with the stdlib encoder, whose
+# recursion CPython 3.11 counts against the same limit as the worker's Python
+# frames. An input past these would parse here and fail to encode there.
 MAX_JSON_DEPTH = 64
+INT_RANGE = (-(2**63), 2**64 - 1)  # orjson's: a larger int raises "Integer exceeds 64-bit range"
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ def load_json(raw: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
 
     Raises ValueError (one line) for text that is not JSON, for ``NaN`` and
     ``Infinity``, for numbers that overflow a float (``1e999`` would become
-    ``inf``), and for nesting deeper than ``max_depth`` levels.
+    ``inf``), for integers outside :data:`INT_RANGE`, and for nesting deeper
+    than ``max_depth`` levels.
 
     >>> load_json('{"a": [1, 2.5]}')
     {'a': [1, 2.5]}
@@ -120,7 +123,7 @@ def load_json(raw: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     ValueError: nested deeper than 2 levels
     """
     try:
-        value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+        value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except RecursionError:
         raise ValueError(f"nested deeper than {max_depth} levels") from None
     if _deeper_than(value, max_depth):
@@ -137,6 +140,13 @@ def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)  # more than 4300 digits: ValueError from int() itself
+    if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise ValueError(f"number {text[:32]}{'...' if len(text) > 32 else ''} is out of range")
     return value
 
 

@@ -168,7 +168,7 @@ _FITS: dict[str, Callable[[Any], bool]] = {
     "str": lambda v: isinstance(v, str),
     "Optional[str]": lambda v: v is None or isinstance(v, str),
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # load_json: finite
     "bool": lambda v: isinstance(v, bool),
     "list": lambda v: isinstance(v, list),
     "dict": lambda v: isinstance(v, dict),

@@ -28,6 +28,7 @@ from streaming_support import (
     StreamEnv,
     banking,
     collect_sync,
+    produce_sync,
     metric_sum,
     text_message,
 )
@@ -411,3 +412,80 @@ def _dump_redis(url: str) -> str:
         parts.append(f"{key!r} {value!r}")
     client.close()
     return "\n".join(parts)
+
+
+# --- the teacher misbehaves in every way ------------------------------------------------------
+
+
+def test_every_teacher_fault_is_retried_a_bounded_number_of_times_then_dead_lettered(stream, tiny_student,
+                                                                                     sim_pool):
+    """One request of 8 texts per phase, 2 tries each (PGKD_TEACHER_MAX_RETRIES=1):
+    the teacher answers 500, 429, labels outside the taxonomy, the prompt's own
+    text, or nothing before the timeout. Each ends in the DLQ with its reason
+    after exactly 2 HTTP calls, and the classifier answers as fast as when the
+    teacher is healthy."""
+    per_phase = 8
+    phases = [  # (name, simulator faults, dead-letter reason)
+        ("healthy", {}, None),
+        ("http500", {"fail_rate": 1.0}, "server_error"),
+        ("http429", {"rate_limit_every": 1, "retry_after_s": 0.2}, "rate_limited"),
+        ("outside", {"outside_taxonomy_rate": 1.0}, "outside_taxonomy"),
+        ("echo", {"echo_rate": 1.0}, "invalid_json"),
+        ("hang", {"delay_s": 3.0}, "timeout"),
+    ]
+    sim = SimulatorServer(sim_pool)
+    env = stream(tiny_student, teacher_base_url=sim.url, low_conf_threshold=1.0, teacher_max_retries=1,
+                 teacher_timeout_s=1.0, teacher_batch_size=per_phase, teacher_concurrency=1,
+                 teacher_batch_within_s=0.5)
+    t = env.topics
+    classify, teacher = env.start("classify"), env.start("teacher")
+    classify.wait_ready()
+    teacher.wait_ready()
+    produce_sync(env.bootstrap, t["texts_in"], [text_message("warm-up", "card payment declined")])
+    collect_sync(env.bootstrap, [t["labels_out"]], lambda g: len(g.of(t["labels_out"])) >= 2, timeout_s=60,
+                 workers=[classify, teacher])  # the first batch of each worker pays for its warm-up
+    figures = []
+    try:
+        for name, faults, reason in phases:
+            for key, value in {"fail_rate": 0.0, "rate_limit_every": 0, "outside_taxonomy_rate": 0.0,
+                               "echo_rate": 0.0, "delay_s": 0.0, **faults}.items():
+                setattr(sim, key, value)
+            calls_before = sim.stats["chat_requests"]
+            ids = [f"{name}-{i}" for i in range(per_phase)]
+            sent = time.monotonic()
+            produce_sync(env.bootstrap, t["texts_in"],
+                         [text_message(i, f"my card {name} {i} was declined at the shop") for i in ids])
+            collect_sync(env.bootstrap, [t["labels_out"]],
+                         lambda g, ids=ids: {r["id"] for r in student_answers(g, t["labels_out"])} >= set(ids),
+                         timeout_s=60, workers=[classify, teacher])
+            student_s = time.monotonic() - sent
+            target = t["labels_out"] if reason is None else t["dlq"]
+            got = collect_sync(env.bootstrap, [target],
+                               lambda g, ids=ids: {r["id"] for r in g.of(target)
+                                                   if r.get("source", "teacher") == "teacher"} >= set(ids),
+                               timeout_s=120, workers=[classify, teacher])
+            calls = sim.stats["chat_requests"] - calls_before
+            if reason is not None:
+                letters = [r for r in got.of(t["dlq"]) if r["id"] in set(ids)]
+                assert {r["reason"] for r in letters} == {reason}, letters[:2]
+                assert all(r["stage"] == "teacher" for r in letters)
+                assert all("after 2 tries" in r["error"] for r in letters)
+                assert calls == 2, f"{name}: {calls} HTTP calls for one request with one retry"
+                answers = collect_sync(env.bootstrap, [t["labels_out"], t["teacher_labels"]], lambda g: True,
+                                       timeout_s=30, linger_s=1)
+                # no answer at all, so nothing of the prompt can leak into an output (the dead letter's
+                # error quotes the start of the bad answer, for the operator)
+                assert not [r for topic in (t["labels_out"], t["teacher_labels"]) for r in answers.of(topic)
+                            if r["id"] in set(ids) and r.get("source", "teacher") == "teacher"]
+            else:
+                assert calls == 1
+            figures.append((name, round(student_s, 1), calls))
+    finally:
+        sim.close()
+    print("RELIABILITY teacher faults (phase, seconds to the student's answers, HTTP calls):", figures)
+    baseline = figures[0][1]
+    for name, seconds, _ in figures[1:]:
+        assert seconds <= max(3 * baseline, baseline + 5), f"{name}: the classifier waited for the teacher"
+    m = teacher.metrics()
+    for _name, _faults, reason in phases[1:]:
+        assert metric_sum(m, "pgkd_dlq_total", reason=reason, stage="teacher") == per_phase

@@ -49,6 +49,7 @@ values = st.recursive(
 # JSON tokens json.dumps never writes, spliced in as text
 RAW_TOKENS = [
     "NaN", "Infinity", "-Infinity", "1e999", "-1e400", "1" * 5000, "1" * 4000, "-0", "0.0", "1E+2",
+    str(2**64 - 1), str(2**64), str(-(2**63)), str(-(2**63) - 1),
     '"\\ud800"', '"a\\udfffb"', '"\\ud83d\\ude00"', '"\\u0000"', '"line\\nbreak"', "true", "null", '""', '"ok"',
     "[" * 64 + "]" * 64, "[" * 65 + "]" * 65, "[" * 999 + "]" * 999, "[" * 100_000, "{" * 50_000,
 ]
@@ -143,14 +144,19 @@ def test_parse_input_never_raises_and_every_result_can_be_written(raw, max_text,
         (b'{"id": "a", "text": "b", "x": ' + b"[" * 65 + b"]" * 65 + b"}", "malformed_json",
          "value is not JSON: nested deeper than 64 levels"),
         (b"[" * 100_000, "malformed_json", "value is not JSON: nested deeper than 64 levels"),
+        # faust encodes labels.out with orjson: "TypeError: Integer exceeds 64-bit range" in the worker
+        (b'{"id": "a", "text": "b", "n": 18446744073709551616}', "malformed_json",
+         "value is not JSON: number 18446744073709551616 is out of range"),
         # the id is unusable as a key: the record is refused before any field is read
         (b'{"id": "\\ud800", "text": 5}', "not_utf8", "the JSON holds a lone surrogate escape (\\ud800-\\udfff)"),
     ],
-    ids=["overflowing-float", "overflowing-negative", "nested-65-in-extra", "nesting-bomb", "surrogate-id"],
+    ids=["overflowing-float", "overflowing-negative", "nested-65-in-extra", "nesting-bomb", "int-over-64-bits",
+         "surrogate-id"],
 )
 def test_inputs_that_would_break_an_output_are_refused(raw, reason, detail):
     """Found by the fuzz test: the numbers and the 65 levels were accepted (their labels.out
     record could not be written), the surrogate id was carried as the dead letter's key."""
+    assert isinstance(parse_input(b'{"id": "a", "text": "b", "n": 18446744073709551615}', 100), TextIn)
     result = parse_input(raw, 100)
     assert result == Rejected(reason, detail)
 
@@ -180,10 +186,17 @@ KINDS = {
     "str": lambda v: isinstance(v, str),
     "Optional[str]": lambda v: v is None or isinstance(v, str),
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and finite(v),
     "list": lambda v: isinstance(v, list),
     "dict": lambda v: isinstance(v, dict),
 }
+
+
+def finite(number) -> bool:
+    try:
+        return math.isfinite(float(number))
+    except OverflowError:  # an int no float can hold: a worker's ts arithmetic would raise
+        return False
 
 
 def filled(cls, record) -> bool:
@@ -275,9 +288,12 @@ def test_a_field_of_the_wrong_type_is_refused_by_name(cls, field, value, expecte
 
 @pytest.mark.parametrize("cls", [TeacherRequest, TeacherLabel, RetrainRequest])
 def test_a_nesting_bomb_or_nan_is_a_reason_not_an_exception(cls):
-    """Found by the fuzz test: a deep array raised RecursionError out of parse()."""
+    """Found by the fuzz test: a deep array raised RecursionError out of parse(); a NaN ts
+    or an int of 400 digits was accepted (and raised later, in the worker's arithmetic)."""
     assert cls.parse(b"[" * 100_000).endswith("ValueError: nested deeper than 64 levels")
     assert cls.parse(json.dumps(VALID[cls] | {"ts": math.nan}).encode()).endswith("NaN is not valid JSON")
+    assert cls.parse(json.dumps(VALID[cls] | {"ts": 2**64}).encode()).endswith(
+        "ValueError: number 18446744073709551616 is out of range")  # no float or int64 holds it
     assert isinstance(cls.parse(json.dumps(VALID[cls]).encode()), cls)
 
 
@@ -321,7 +337,8 @@ def test_parse_labels_gives_n_taxonomy_labels_or_response_format_error(content, 
     try:
         labels = parse_labels(content, n, TAXONOMY)
     except ResponseFormatError as err:
-        assert one_line(str(err), 200) and str(err).startswith("invalid_json: ")
+        # a preview of 80 characters, escaped by repr: up to 10 characters each
+        assert one_line(str(err), 1000) and str(err).startswith("invalid_json: ")
         return
     assert len(labels) == n
     assert all(label is None or label in TAXONOMY for label in labels)
@@ -389,7 +406,8 @@ class CannedRedis:
 cached_values = st.none() | st.binary(max_size=80) | values.map(lambda v: render(v, True)) | st.builds(
     lambda label, model, ts: render({"label": label, "teacher_model": model, "ts": ts}, True),
     label_spellings | values, st.text(max_size=5) | values, st.floats() | st.text(max_size=5) | values,
-) | st.sampled_from([b"[" * 100_000, b'{"label": "refund", "teacher_model": "m", "ts": 1e999}'])
+) | st.sampled_from([b"[" * 100_000, b'{"label": "refund", "teacher_model": "m", "ts": 1e999}',
+                                 b'{"label": "refund", "teacher_model": "m", "ts": ' + b"9" * 400 + b"}"])
 
 
 @FUZZ
@@ -406,11 +424,13 @@ def test_a_garbage_cache_entry_is_a_miss(raw):
 
 
 def test_a_cache_entry_with_a_non_finite_time_or_a_bomb_is_a_miss():
-    """Found by the fuzz test: "ts": "nan" became labelled_at=NaN; a deep array raised RecursionError."""
+    """Found by the fuzz test: "ts": "nan" became labelled_at=NaN; a deep array raised RecursionError,
+    an int of 400 digits OverflowError."""
     good = json.dumps({"label": "refund", "teacher_model": "m", "ts": 5.0}).encode()
-    raw = [b"[" * 100_000, json.dumps({"label": "refund", "teacher_model": "m", "ts": "nan"}).encode(), good]
-    hits = asyncio.run(TeacherCache(CannedRedis(raw), TAXONOMY).get_many(["a", "b", "c"]))
-    assert hits == [None, None, CachedLabel("refund", "m", 5.0)]
+    raw = [b"[" * 100_000, json.dumps({"label": "refund", "teacher_model": "m", "ts": "nan"}).encode(),
+           json.dumps({"label": "refund", "teacher_model": "m", "ts": 10**400}).encode(), good]
+    hits = asyncio.run(TeacherCache(CannedRedis(raw), TAXONOMY).get_many(["a", "b", "c", "d"]))
+    assert hits == [None, None, None, CachedLabel("refund", "m", 5.0)]
 
 
 # --- model manifests ---------------------------------------------------------------------
