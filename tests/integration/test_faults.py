@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import random
 import threading
 import time
@@ -489,3 +490,87 @@ def test_every_teacher_fault_is_retried_a_bounded_number_of_times_then_dead_lett
     m = teacher.metrics()
     for _name, _faults, reason in phases[1:]:
         assert metric_sum(m, "pgkd_dlq_total", reason=reason, stage="teacher") == per_phase
+
+
+# --- sustained load: memory stays flat, lag returns to zero ----------------------------------
+
+SOAK_S = float(os.environ.get("PGKD_TEST_SOAK_S", "90"))  # docs/RELIABILITY.md quotes a longer run
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def group_lag(bootstrap: str, group: str, topic: str) -> int:
+    """Messages of ``topic`` that ``group`` has not committed yet (all partitions)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        partitions = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic)
+                                                         or await _partitions(consumer, topic))]
+        ends = await consumer.end_offsets(partitions)
+        return sum(end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+                   for tp, end in ends.items())
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def _partitions(consumer, topic: str) -> set[int]:
+    await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public "describe"
+    return consumer.partitions_for_topic(topic) or set()
+
+
+def test_sustained_load_keeps_worker_memory_flat_and_lag_returns_to_zero(stream, tiny_student, sim_pool):
+    rate = 50.0
+    n = int(rate * SOAK_S)
+    with SimulatorServer(sim_pool) as sim:
+        env = stream(tiny_student, teacher_base_url=sim.url, low_conf_threshold=0.5)
+        t, prefix = env.topics, env.env["PGKD_APP_ID_PREFIX"]
+        workers = {role: env.start(role) for role in ("classify", "teacher")}
+        for worker in workers.values():
+            worker.wait_ready()
+        # real texts, each once: no teacher-cache shortcut
+        texts = list(sim_pool.texts)
+        messages = [text_message(f"s{i}", texts[i % len(texts)] + ("" if i < len(texts) else f" ({i})"))
+                    for i in range(n)]
+        producer = Producer(env.bootstrap, t["texts_in"], messages, rate)
+        started = time.monotonic()
+        producer.start()
+        samples: dict[str, list[tuple[float, float]]] = {role: [] for role in workers}
+        while producer.is_alive():
+            for role, worker in workers.items():
+                assert worker.alive(), f"{role} exited:\n{worker.tail()}"
+                samples[role].append((time.monotonic() - started, rss_mb(worker.proc.pid)))
+            time.sleep(2)
+        producer.finish()
+        lags = {}
+        deadline = time.monotonic() + 60
+        while True:
+            lags = {"classify": asyncio.run(group_lag(env.bootstrap, f"{prefix}-classify", t["texts_in"])),
+                    "teacher": asyncio.run(group_lag(env.bootstrap, f"{prefix}-teacher", t["teacher_requests"]))}
+            if not any(lags.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        drained_s = time.monotonic() - started - SOAK_S
+        got = collect_sync(env.bootstrap, [t["labels_out"]], lambda g: True, timeout_s=60, linger_s=1)
+    assert lags == {"classify": 0, "teacher": 0}, lags
+    assert {r["id"] for r in student_answers(got, t["labels_out"])} == {f"s{i}" for i in range(n)}
+    report = []
+    for role, points in samples.items():
+        # after warm-up (the first fifth of the run) vs the end: flat, within allocator noise
+        warm = [mb for s, mb in points if s >= SOAK_S / 5]
+        start_mb, end_mb, peak_mb = warm[0], warm[-1], max(warm)
+        report.append(f"{role} RSS {start_mb:.0f} -> {end_mb:.0f} MB (peak {peak_mb:.0f})")
+        assert end_mb <= start_mb * 1.10 + 16, f"{role} memory grew: {start_mb:.0f} -> {end_mb:.0f} MB"
+    print(f"RELIABILITY soak: {n} texts at {rate:.0f}/s for {SOAK_S:.0f}s; {'; '.join(report)}; "
+          f"lag 0 on both groups {drained_s:.1f}s after the last text was produced")
