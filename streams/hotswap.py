@@ -14,22 +14,27 @@ A version whose files do not match their checksums (or that cannot be loaded)
 is refused: logged, counted in ``pgkd_model_load_failures_total{reason}``, and
 the old version keeps serving. A refused version is not retried by the poll,
 only when it is announced again.
+
+A record that is not an announcement (not JSON, not an object, no v0001-style
+``version``) is skipped: logged, counted in
+``pgkd_model_updates_skipped_total{reason}``, and the watcher follows on. It
+never stops the follow loop, so it is never read twice.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from pgkd.errors import ModelIntegrityError, ModelError, RegistryError, RegistryUnavailable
-from pgkd.registry import Registry
+from pgkd.inference import load_json
+from pgkd.registry import VERSION_RE, Registry
 from pgkd.serving import ServingModel, load_version
 from streams import metrics
 from streams.announce import ensure_topic, kafka_kwargs
@@ -41,7 +46,37 @@ log = logging.getLogger(__name__)
 
 WARMUP_TEXT = "warm-up"  # one prediction before a version serves: lazy init is paid off the stream
 LOAD_FAILURE_REASONS = ("checksum", "not_found", "load_error")
+SKIP_REASONS = ("not_json", "not_object", "bad_version")  # pgkd_model_updates_skipped_total{reason}
 RESTART_DELAY_S = 5.0
+
+
+def read_update(value: bytes | None) -> dict | tuple[str, str]:
+    """A ``model.updates`` value -> the announcement, or ``(reason, detail)``
+    when it is not one (reason from :data:`SKIP_REASONS`).
+
+    >>> read_update(b'{"action": "promote", "version": "v0003", "ts": 5.0}')["version"]
+    'v0003'
+    >>> read_update(b'{"action": "promote", "version": 3}')
+    ('bad_version', 'expected a v0001-style version name, got 3')
+    >>> read_update(b'[1]')[0]
+    'not_object'
+    """
+    try:
+        record = load_json(value or b"")
+    except ValueError as err:  # not JSON, not UTF-8, NaN, nested too deep
+        return "not_json", f"not JSON: {err}"
+    if not isinstance(record, dict):
+        return "not_object", f"expected a JSON object, got {type(record).__name__}"
+    version = record.get("version")
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        return "bad_version", f"expected a v0001-style version name, got {version!r:.40}"
+    return record
+
+
+def _announced_at(record: dict) -> float:
+    """The record's ts for ordering (finite and bounded: :func:`read_update` used load_json); 0 when no number."""
+    ts = record.get("ts")
+    return float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else 0.0
 
 
 def failure_reason(err: Exception) -> str:
@@ -115,9 +150,9 @@ class ModelWatcher:
             last = time.monotonic()
             while True:
                 batches = await consumer.getmany(timeout_ms=1000)
-                records = [json.loads(r.value) for rs in batches.values() for r in rs if r.value]
+                records = self.announcements(r for rs in batches.values() for r in rs)
                 if records:
-                    latest = max(records, key=lambda r: r.get("ts") or 0)
+                    latest = max(records, key=_announced_at)
                     log.info("model.updates: %s %s (reason: %s)", latest.get("action"), latest.get("version"),
                              latest.get("reason"))
                     await self.reconcile("announced", announced=latest.get("version"))
@@ -127,6 +162,22 @@ class ModelWatcher:
                     last = time.monotonic()
         finally:
             await consumer.stop()
+
+    def announcements(self, consumed: Iterable[ConsumerRecord]) -> list[dict]:
+        """The readable announcements among consumed records; the others are
+        logged, counted and skipped (empty values are compaction tombstones: ignored)."""
+        records = []
+        for r in consumed:
+            if not r.value:
+                continue
+            update = read_update(r.value)
+            if isinstance(update, tuple):
+                reason, detail = update
+                metrics.MODEL_UPDATES_SKIPPED.labels(reason).inc()
+                log.warning("skipping %s:%d:%d (%s): %s", r.topic, r.partition, r.offset, reason, detail)
+                continue
+            records.append(update)
+        return records
 
     async def reconcile(self, why: str, announced: str | None = None) -> bool:
         """Swap to the registry's current version if the worker serves another;

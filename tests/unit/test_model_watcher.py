@@ -6,16 +6,20 @@ from __future__ import annotations
 import asyncio
 import doctest
 import importlib
+import json
+import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pgkd.errors import ModelIntegrityError, RegistryUnavailable
+from pgkd.errors import ModelIntegrityError, RegistryError, RegistryUnavailable
 from pgkd.serving import ServingModel
 from pgkd.settings import Settings
-from streams import metrics
+from streams import hotswap, metrics
 from streams.announce import update_record
-from streams.hotswap import ModelWatcher
+from streams.hotswap import SKIP_REASONS, ModelWatcher, read_update
 
 
 @pytest.mark.parametrize("module", ["streams.announce", "streams.hotswap"])
@@ -101,3 +105,110 @@ def test_update_record_takes_the_history_entry_fields_only():
                                     "reason": "bad", "round": None, "ts": 10.0}
     with pytest.raises(ValueError, match="not a registry history entry"):
         update_record({"action": "delete", "version": "v0002"})
+
+
+# --- hostile model.updates records ---------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.binary(max_size=120) | st.builds(
+    lambda v: json.dumps(v).encode(),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                 lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                 max_leaves=8)) | st.builds(
+    lambda version, ts: json.dumps({"action": "promote", "version": version, "ts": ts}).encode(),
+    st.text(max_size=8) | st.integers() | st.none() | st.sampled_from(["v0003", "v12", "../v0001", "v0003\n"]),
+    st.floats() | st.text(max_size=4) | st.none()))
+def test_read_update_returns_an_announcement_or_a_named_reason(value):
+    update = read_update(value)
+    if isinstance(update, tuple):
+        reason, detail = update
+        assert reason in SKIP_REASONS and len(detail.splitlines()) == 1 and len(detail) < 200
+    else:
+        assert isinstance(update, dict) and re.fullmatch(r"v\d{4,}", update["version"])
+
+
+class Consumed:
+    def __init__(self, offset, value):
+        self.topic, self.partition, self.offset, self.value = "model.updates", 0, offset, value
+
+
+class ScriptedConsumer:
+    """An aiokafka consumer that hands out scripted batches, then waits."""
+
+    batches: list[list[bytes]] = []
+    polls = 0
+    drained: asyncio.Event
+
+    def __init__(self, **kwargs):
+        assert kwargs["group_id"] is None
+
+    async def start(self):
+        pass
+
+    async def stop(self):
+        pass
+
+    def assign(self, partitions):
+        pass
+
+    async def seek_to_end(self, *partitions):
+        pass
+
+    async def getmany(self, timeout_ms):
+        cls = type(self)
+        cls.polls += 1
+        if cls.polls <= len(cls.batches):
+            offset = 10 * cls.polls
+            return {"p0": [Consumed(offset + i, v) for i, v in enumerate(cls.batches[cls.polls - 1])]}
+        cls.drained.set()
+        await asyncio.sleep(0.01)
+        return {}
+
+
+def test_malformed_updates_are_skipped_and_the_watcher_follows_on(monkeypatch):
+    """Before: the first record that was not JSON (or not an object, or named no
+    version) raised out of the follow loop; every other record of its poll was lost."""
+    watcher, served, loads = make_watcher(RegistryUnavailable("cannot reach the registry's Redis"))
+    base_loads = loads  # the fake loader refuses versions not in the store, as the registry does
+
+    def loader(settings, version):
+        base_loads.append(version)
+        if version == "v0099":
+            raise RegistryError("no version v0099 in the model store models")
+        return ServingModel(FakeStudent(), version, None)
+
+    watcher.loader = loader
+    ScriptedConsumer.batches = [
+        [b"not json", b"[1, 2]", b'{"action": "promote"}', b'{"version": 3}', b"", b"[" * 100_000,
+         b'{"version": "v0003", "ts": 5.0}', b'{"version": "../v0001"}'],
+        [b'{"version": "v0099", "ts": "soon"}'],  # names nothing in the store: refused, the old model serves
+        [b'\xff\xfe', b'{"version": "v0004", "ts": NaN}', b'{"version": "v0004", "ts": 9}',
+         b'{"version": "v0002", "ts": ' + b"9" * 400 + b"}"],  # a ts no float holds: not JSON we read
+    ]
+    ScriptedConsumer.polls = 0
+    monkeypatch.setattr(hotswap, "AIOKafkaConsumer", ScriptedConsumer)
+
+    async def one_partition(settings, topic):
+        return [0]
+
+    monkeypatch.setattr(hotswap, "ensure_topic", one_partition)
+    skipped = {reason: metrics.MODEL_UPDATES_SKIPPED.labels(reason)._value.get() for reason in SKIP_REASONS}
+    not_found = failures("not_found")
+
+    async def follow():
+        ScriptedConsumer.drained = asyncio.Event()
+        task = asyncio.create_task(watcher.run())
+        await asyncio.wait_for(ScriptedConsumer.drained.wait(), 10)
+        assert not task.done()  # still following
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(follow())
+    assert loads == ["v0003", "v0099", "v0004"]  # each announcement once, nothing re-read
+    assert [m.version for m in served] == ["v0001", "v0003", "v0004"]
+    assert failures("not_found") == not_found + 1
+    after = {reason: metrics.MODEL_UPDATES_SKIPPED.labels(reason)._value.get() - skipped[reason]
+             for reason in SKIP_REASONS}
+    assert after == {"not_json": 5, "not_object": 1, "bad_version": 3}
