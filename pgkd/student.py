@@ -2,8 +2,10 @@
 interface (``predict_proba`` / ``predict`` / ``fit`` / ``save`` / ``load``).
 
 Weights are read and written as safetensors only; a directory that has only a
-pickle checkpoint (``pytorch_model.bin``) is refused, because unpickling runs
-arbitrary code.
+pickle checkpoint (``pytorch_model.bin``), or any pickle file beside the
+safetensors, is refused, because unpickling runs arbitrary code. Code shipped
+with a model (``auto_map`` in its config) is never run: every ``from_pretrained``
+passes ``trust_remote_code=False``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 LABELS_FILE = "labels.json"
 WEIGHTS_FILE = "model.safetensors"
 SHARDED_INDEX = "model.safetensors.index.json"  # what save_pretrained writes for large models
+# torch.save / pickle formats (pytorch_model.bin, training_args.bin, *.pt, ...): never in a directory we load
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 QUANTIZE_MODES = ("fp32", "int8")  # Student.optimize_for_inference / PGKD_INFERENCE_QUANTIZE
 
 
@@ -83,7 +87,7 @@ class Student:
         try:
             with _quiet_transformers(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                tokenizer = AutoTokenizer.from_pretrained(source)
+                tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
                 model = AutoModelForSequenceClassification.from_pretrained(
                     source,
                     num_labels=len(labels),
@@ -108,6 +112,11 @@ class Student:
                 f"{path} has no {WEIGHTS_FILE}; only safetensors checkpoints are loaded "
                 "(pickle files such as pytorch_model.bin are refused)"
             )
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelError(
+                f"{path} holds a pickle file ({pickles[0]!r}); only safetensors checkpoints are loaded: remove it"
+            )
         if not (path / LABELS_FILE).is_file():
             raise ModelError(f"{path} has no {LABELS_FILE}; expected a directory written by Student.save()")
         try:
@@ -117,7 +126,7 @@ class Student:
             raise ModelError(f"{path / LABELS_FILE} is not a valid label map: {_first_line(err)}") from None
         try:
             with _quiet_transformers():
-                tokenizer = AutoTokenizer.from_pretrained(path)
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
                 model = AutoModelForSequenceClassification.from_pretrained(
                     path, use_safetensors=True, trust_remote_code=False
                 )
