@@ -46,7 +46,7 @@ DROP_REASONS = (
     "bad_record",  # an unreadable teacher.labels record
     # a generated sample the teacher's answer validation dropped (pgkd.prompts.parse_samples)
     "invalid_json", "malformed_sample", "label_outside_taxonomy", "not_target_class", "empty_text",
-    "duplicate_text", "known_text",
+    "duplicate_text", "known_text", "prompt_echo",
 )
 
 
