@@ -1,15 +1,21 @@
 """What the performance benchmarks share: the machine description, robust
 summaries of interleaved repetitions, the Banking77 texts, the trained-head test
-model, and writing a generated section into docs/BENCHMARKS.md."""
+model, a Kafka and Redis of their own (deploy/local), a timestamping consumer of
+labels.out, and writing a generated section into docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +42,14 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "vnni": cpu_has_vnni(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def machine_line(res: dict, shared: str = "the cores were shared with other test runs") -> str:
+    """The "Machine: ..." sentence every generated block starts with."""
+    m = res["machine"]
+    return (f"Machine: {m['cpu']}, {m['cores']} cores (VNNI: {'yes' if m['vnni'] else 'no'}), Python {m['python']}, "
+            f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}. Load average (1/5/15 min) "
+            f"{res['load_before']} before, {res['load_after']} after: {shared}.")
 
 
 def load() -> list[float]:
@@ -85,3 +99,156 @@ def write_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
     print(f"wrote the {name} tables into {path.relative_to(REPO)}")
+
+
+# --- services and Kafka I/O ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def local_service(script: str, port_args: list[str], data_dir: Path):
+    """deploy/local/<script> start ... stop, with its data in data_dir."""
+    local = REPO / "deploy" / "local"
+    args = [*port_args, "--data-dir", str(data_dir)]
+    started = subprocess.run([str(local / script), "start", *args], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, check=False)
+    try:
+        if started.returncode != 0:
+            raise SystemExit(f"deploy/local/{script} did not start:\n{started.stdout}{started.stderr}")
+        yield
+    finally:
+        subprocess.run([str(local / script), "stop", *args], cwd=REPO, capture_output=True, timeout=120, check=False)
+
+
+@contextlib.contextmanager
+def services(workdir: Path, bootstrap: str | None = None, redis_url: str | None = None,
+             kafka: bool = True) -> Iterator[tuple[str | None, str]]:
+    """(bootstrap, redis_url): the given ones, else a Kafka (when ``kafka``) and a
+    Redis started here on free loopback ports, stopped on exit (also on Ctrl-C)."""
+    from streaming_support import free_port
+
+    with contextlib.ExitStack() as stack:
+        if kafka and not bootstrap:
+            port = free_port()
+            stack.enter_context(local_service("kafka", ["--port", str(port), "--controller-port", str(free_port())],
+                                              workdir / "kafka"))
+            bootstrap = f"127.0.0.1:{port}"
+        if not redis_url:
+            port = free_port()
+            stack.enter_context(local_service("redis", ["--port", str(port)], workdir / "redis"))
+            redis_url = f"redis://127.0.0.1:{port}/0"
+        print(f"kafka {bootstrap}, redis {redis_url}", flush=True)
+        yield bootstrap, redis_url
+
+
+class Outputs:
+    """A consumer of labels.out that notes when each student answer arrived here.
+
+    ``seen``: id -> (arrived, the input's produce timestamp), first answer only;
+    ``records``: every student answer as (arrived, its Kafka timestamp, value),
+    duplicates included."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        from aiokafka import AIOKafkaConsumer
+
+        self.consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                         group_id=None, fetch_max_wait_ms=10)
+        self.seen: dict[str, tuple[float, float]] = {}
+        self.records: list[tuple[float, float, dict]] = []
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self.consumer.getmany(timeout_ms=50)
+            now = time.time()
+            for records in batch.values():
+                for r in records:
+                    out = json.loads(r.value)
+                    if out.get("source") == "student":
+                        self.seen.setdefault(out["id"], (now, out["ts"]))
+                        self.records.append((now, r.timestamp / 1000, out))
+
+    async def wait_for(self, ids: list[str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while any(i not in self.seen for i in ids):
+            if time.monotonic() > deadline:
+                missing = sum(i not in self.seen for i in ids)
+                raise TimeoutError(f"{missing} of {len(ids)} outputs missing after {timeout_s}s")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.consumer.stop()
+
+
+def messages(prefix: str, texts: list[str], n: int) -> list[tuple[bytes, bytes]]:
+    """n texts.in messages with ids ``prefix-0`` ... (the texts repeat when n > len(texts))."""
+    from streaming_support import text_message
+
+    return [text_message(f"{prefix}-{i}", texts[i % len(texts)]) for i in range(n)]
+
+
+async def backlog(producer, outputs: Outputs, topic: str, prefix: str, texts: list[str], n: int,
+                  timeout_s: float) -> dict:
+    """Produce n messages at once; the output rate after the producer finished."""
+    batch = messages(prefix, texts, n)
+    for key, value in batch:
+        await producer.send(topic, key=key, value=value)
+    await producer.flush()
+    produced = time.time()
+    ids = [k.decode() for k, _ in batch]
+    await outputs.wait_for(ids, timeout_s)
+    arrived = sorted(outputs.seen[i][0] for i in ids)
+    after = [t for t in arrived if t > produced]
+    rate = (len(after) - 1) / (after[-1] - after[0]) if len(after) > 1 else float("nan")
+    return {"texts_s": rate, "counted": len(after), "drain_s": arrived[-1] - produced}
+
+
+# --- one command per bench ---------------------------------------------------------------
+
+
+def worker_args(p, threads_help: str = "torch threads of the worker") -> None:
+    """The classify worker's settings and the services, as a stream bench's options."""
+    p.add_argument("--quantize", default="int8", choices=("fp32", "int8"))
+    p.add_argument("--threads", type=int, default=1, help=threads_help)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--inference-batch-size", type=int, default=16, help="PGKD_INFERENCE_BATCH_SIZE")
+    p.add_argument("--within", type=float, default=0.01, help="PGKD_BATCH_WITHIN_S")
+    p.add_argument("--model", help="a Student.save() directory (default: the trained-head MiniLM of the tests)")
+    p.add_argument("--bootstrap", help="an existing Kafka (default: start one)")
+    p.add_argument("--redis", help="an existing Redis URL with a free database (default: start one)")
+
+
+def report(name: str, res: dict, args, load_before: list[float], markdown) -> None:
+    """Add the machine, settings and load to ``res``; write bench/out/<name>.json, print
+    the tables, and put them into docs/BENCHMARKS.md unless --no-docs."""
+    res = {"machine": machine(), "args": vars(args), "load_before": load_before, "load_after": load(), **res}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    text = markdown(res)
+    print(text)
+    if not args.no_docs:
+        write_section(f"{name}_bench.py", text)
+
+
+def run_with_services(name: str, args, run, markdown, kafka: bool = True) -> int:
+    """A bench's one command: services (``services``) in a temporary directory,
+    ``run(args, bootstrap, redis_url, workdir) -> results``, then :func:`report`."""
+    import shutil
+    import tempfile
+
+    load_before = load()
+    workdir = Path(tempfile.mkdtemp(prefix=f"pgkd-{name}-bench-"))
+    try:
+        with services(workdir, getattr(args, "bootstrap", None), args.redis, kafka=kafka) as (bootstrap, redis_url):
+            res = run(args, bootstrap, redis_url, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report(name, res, args, load_before, markdown)
+    return 0

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -40,96 +39,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import (
-    OUT,
-    REPO,
+    Outputs,
+    backlog,
     banking,
     fmt,
-    load,
-    machine,
+    machine_line,
+    messages,
     probe_model_dir,
+    run_with_services,
     summary,
-    write_section,
+    worker_args,
 )
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from streaming_support import StreamEnv, free_port, text_message
+from aiokafka import AIOKafkaProducer
+from streaming_support import StreamEnv
 
 from pgkd.student import Student
 
-LOCAL = REPO / "deploy" / "local"
 RAW_BATCHES = (8, 16, 32, 64)
-
-
-@contextlib.contextmanager
-def local_service(script: str, port_args: list[str], data_dir: Path):
-    """deploy/local/<script> start ... stop, with its data in data_dir."""
-    args = [*port_args, "--data-dir", str(data_dir)]
-    started = subprocess.run([str(LOCAL / script), "start", *args], cwd=REPO, capture_output=True, text=True,
-                             timeout=300, check=False)
-    try:
-        if started.returncode != 0:
-            raise SystemExit(f"deploy/local/{script} did not start:\n{started.stdout}{started.stderr}")
-        yield
-    finally:
-        subprocess.run([str(LOCAL / script), "stop", *args], cwd=REPO, capture_output=True, timeout=120, check=False)
-
-
-class Outputs:
-    """A consumer of labels.out that notes when each record arrived here."""
-
-    def __init__(self, bootstrap: str, topic: str):
-        self.consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                         group_id=None, fetch_max_wait_ms=10)
-        self.seen: dict[str, tuple[float, float]] = {}  # id -> (arrived, produced)
-        self._task: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        await self.consumer.start()
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            batch = await self.consumer.getmany(timeout_ms=50)
-            now = time.time()
-            for records in batch.values():
-                for r in records:
-                    out = json.loads(r.value)
-                    if out.get("source") == "student":
-                        self.seen.setdefault(out["id"], (now, out["ts"]))
-
-    async def wait_for(self, ids: list[str], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while any(i not in self.seen for i in ids):
-            if time.monotonic() > deadline:
-                missing = sum(i not in self.seen for i in ids)
-                raise TimeoutError(f"{missing} of {len(ids)} outputs missing after {timeout_s}s")
-            await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.consumer.stop()
-
-
-def messages(prefix: str, texts: list[str], n: int) -> list[tuple[bytes, bytes]]:
-    return [text_message(f"{prefix}-{i}", texts[i % len(texts)]) for i in range(n)]
-
-
-async def backlog(producer: AIOKafkaProducer, outputs: Outputs, topic: str, prefix: str, texts: list[str], n: int,
-                  timeout_s: float) -> dict:
-    """Produce n messages at once; the output rate after the producer finished."""
-    batch = messages(prefix, texts, n)
-    for key, value in batch:
-        await producer.send(topic, key=key, value=value)
-    await producer.flush()
-    produced = time.time()
-    ids = [k.decode() for k, _ in batch]
-    await outputs.wait_for(ids, timeout_s)
-    arrived = sorted(outputs.seen[i][0] for i in ids)
-    after = [t for t in arrived if t > produced]
-    rate = (len(after) - 1) / (after[-1] - after[0]) if len(after) > 1 else float("nan")
-    return {"texts_s": rate, "counted": len(after), "drain_s": arrived[-1] - produced}
 
 
 async def paced(producer: AIOKafkaProducer, outputs: Outputs, worker, topic: str, prefix: str, texts: list[str],
@@ -289,14 +215,12 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
 
 
 def markdown(res: dict) -> str:
-    m, a, s = res["machine"], res["args"], res["settings"]
+    a, s = res["args"], res["settings"]
     r = res["ratio_per_round"]
     cores = {k: summary([x["cores_used"][k] for x in res["stream"]])["median"] for k in res["stream"][0]["cores_used"]}
     lines = [
-        (f"Machine: {m['cpu']}, {m['cores']} cores (VNNI: {'yes' if m['vnni'] else 'no'}), Python {m['python']}, "
-         f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}. Load average (1/5/15 min) "
-         f"{res['load_before']} before, {res['load_after']} after: the cores were shared with other test runs, and "
-         "the broker (JVM), the worker and this process share them too."),
+        machine_line(res, "the cores were shared with other test runs, and the broker (JVM), the worker and this "
+                     "process share them too"),
         (f"One classify worker (`pgkd worker classify`), model {res['model']} (MiniLM-L6, trained head, max length "
          f"64), PGKD_INFERENCE_QUANTIZE={s['inference_quantize']}, PGKD_TORCH_THREADS={s['torch_threads']}, "
          f"PGKD_BATCH_SIZE={s['batch_size']}, PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, "
@@ -345,43 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw-texts", type=int, default=512)
     p.add_argument("--fractions", type=lambda v: [float(x) for x in v.split(",") if x], default=[0.25, 0.5, 0.9])
     p.add_argument("--seconds", type=float, default=20.0, help="duration of each paced rate")
-    p.add_argument("--quantize", default="int8", choices=("fp32", "int8"))
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the worker and of the raw limit")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--inference-batch-size", type=int, default=16, help="PGKD_INFERENCE_BATCH_SIZE")
-    p.add_argument("--within", type=float, default=0.01, help="PGKD_BATCH_WITHIN_S")
-    p.add_argument("--model", help="a Student.save() directory (default: the trained-head MiniLM of the tests)")
-    p.add_argument("--bootstrap", help="an existing Kafka (default: start one)")
-    p.add_argument("--redis", help="an existing Redis URL with a free database (default: start one)")
+    worker_args(p, "torch threads of the worker and of the raw limit")
     p.add_argument("--profile", metavar="FILE", help="py-spy the worker from the first sustained round to the end (raw format)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
     args = p.parse_args(argv)
-    load_before = load()
-    workdir = Path(tempfile.mkdtemp(prefix="pgkd-stream-bench-"))
-    try:
-        with contextlib.ExitStack() as stack:
-            bootstrap, redis_url = args.bootstrap, args.redis
-            if not bootstrap:
-                port = free_port()
-                stack.enter_context(local_service("kafka", ["--port", str(port), "--controller-port",
-                                                            str(free_port())], workdir / "kafka"))
-                bootstrap = f"127.0.0.1:{port}"
-            if not redis_url:
-                port = free_port()
-                stack.enter_context(local_service("redis", ["--port", str(port)], workdir / "redis"))
-                redis_url = f"redis://127.0.0.1:{port}/0"
-            print(f"kafka {bootstrap}, redis {redis_url}", flush=True)
-            res = asyncio.run(run(args, bootstrap, redis_url, workdir))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    res = {"machine": machine(), "args": vars(args), "load_before": load_before, "load_after": load(), **res}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "stream.json").write_text(json.dumps(res, indent=2) + "\n")
-    text = markdown(res)
-    print(text)
-    if not args.no_docs:
-        write_section("stream_bench.py", text)
-    return 0
+    return run_with_services("stream", args, lambda *a: asyncio.run(run(*a)), markdown)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,331 @@
+"""Hot swap under traffic: the gap in labels.out while a classifier changes model.
+
+Starts its own Kafka and Redis (deploy/local, free loopback ports) unless
+--bootstrap/--redis are given, a model registry (a model store in a temporary
+directory + the pointer in Redis) holding two versions of the same
+architecture: A, the trained-head MiniLM of the streaming tests, and B, the
+same model with its head perturbed (so its answers differ). One classify worker
+(streaming_support.StreamEnv, ``pgkd worker classify``) serves A. A paced
+producer sends texts at a fixed rate (half of what the worker sustains, found
+by a backlog first); meanwhile A and B are promoted in turn, --promotions
+times, each after --quiet seconds, the way ``pgkd models promote`` does it
+(Registry.promote, then the announcement on model.updates).
+
+Measured, over the paced traffic only:
+
+- the gaps between consecutive student answers on labels.out, by the Kafka
+  timestamp of each answer (when the worker sent it) and by its arrival at a
+  consumer here;
+- per promotion, the window from the promote call to the first answer that
+  carries the new version plus --margin seconds; the longest gap that overlaps
+  the window, against the normal gap: median, p99 and max of the gaps wholly
+  outside every window;
+- zero lost (every produced id answered by the student) and zero duplicated
+  (each id answered once);
+- the swap's own time (load, verify, quantize and warm up the new version: the
+  worker's "swapped ... in N s" log line) and the worker's inference time per
+  batch inside the windows vs outside (its /metrics).
+
+    python bench/hotswap_bench.py                  # ~3 min on 2 busy cores
+    python bench/hotswap_bench.py --promotions 2 --quiet 5 --no-docs   # a quick look
+
+Writes bench/out/hotswap.json and its table into docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from _common import (
+    OUT,
+    Outputs,
+    backlog,
+    banking,
+    fmt,
+    machine_line,
+    messages,
+    probe_model_dir,
+    run_with_services,
+    summary,
+    worker_args,
+)
+from aiokafka import AIOKafkaProducer
+from streaming_support import StreamEnv
+
+from pgkd.registry import Registry
+from pgkd.settings import Settings
+from streams.announce import aannounce_model_update
+
+SWAPPED = re.compile(r"swapped (v\d+) -> (v\d+) \(loaded and warmed in ([\d.]+)s\)")
+STAMPED = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\].*?(loading v\d+|swapped v\d+ -> v\d+)", re.MULTILINE)
+
+
+def log_events(log: str) -> list[tuple[float, str]]:
+    """(epoch seconds, "loading vX" / "swapped vX -> vY") from the worker's log (local time, ms)."""
+    return [(time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000, m.group(3))
+            for m in STAMPED.finditer(log)]
+
+
+def publish_ab(registry: Registry, model_dir: Path, noise: float, seed: int = 0) -> tuple[str, str]:
+    """Version A = the model as it is; B = the same with Gaussian noise of ``noise``
+    x the head's weight std added to its head (same architecture, other answers)."""
+    import torch
+
+    from pgkd.student import Student
+
+    student = Student.load(model_dir, device="cpu")
+    a = registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={"bench": "hotswap A"})
+    head = student.model.classifier
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight += noise * head.weight.std() * torch.randn(head.weight.shape, generator=generator)
+    b = registry.publish(student, parent=a, round=1, data={}, metrics={}, settings={"bench": "hotswap B"})
+    return a, b
+
+
+def inference_counters(worker) -> tuple[float, float]:
+    """(seconds inside predict_proba, batches) so far, from the worker's /metrics."""
+    m = worker.metrics()
+    return m.get("pgkd_inference_seconds_sum", 0.0), m.get("pgkd_batch_size_count", 0.0)
+
+
+async def paced_producer(producer: AIOKafkaProducer, topic: str, batch: list[tuple[bytes, bytes]], rate: float,
+                         stop: asyncio.Event) -> int:
+    """Send one message every 1/rate s until ``stop`` is set (or the batch is used up)."""
+    start = time.monotonic()
+    for i, (key, value) in enumerate(batch):
+        if stop.is_set():
+            return i
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await producer.send(topic, key=key, value=value)
+    return len(batch)
+
+
+async def first_answer_of(outputs: Outputs, version: str, after: float, timeout_s: float) -> tuple[float, float]:
+    """(Kafka timestamp, arrival) of the first answer by ``version`` stamped after ``after``."""
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while time.monotonic() < deadline:
+        records = outputs.records
+        for arrived, stamp, out in records[seen:]:
+            if out["model_version"] == version and stamp >= after:
+                return stamp, arrived
+        seen = len(records)
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"no answer from {version} within {timeout_s}s of its promotion")
+
+
+def gaps(times: list[float], windows: list[tuple[float, float]]) -> dict:
+    """Gaps between consecutive times (sorted), split into those that overlap a
+    window (per window: the longest) and those wholly outside every window."""
+    t = np.sort(np.asarray(times))
+    d = np.diff(t)
+    starts, ends = t[:-1], t[1:]
+    inside = np.zeros(len(d), dtype=bool)
+    longest, at = [], []
+    for w0, w1 in windows:
+        hit = (ends > w0) & (starts < w1)
+        inside |= hit
+        longest.append(float(d[hit].max()) if hit.any() else float("nan"))
+        at.append(float(starts[hit][d[hit].argmax()] - w0) if hit.any() else float("nan"))
+    outside = d[~inside]
+    return {"longest_starts_after_s": at, "n_outside": len(outside), "median_outside": float(np.median(outside)),
+            "p99_outside": float(np.percentile(outside, 99)), "max_outside": float(outside.max()),
+            "longest_in_window": longest}
+
+
+async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
+    model_dir = Path(args.model) if args.model else probe_model_dir()
+    texts = list(banking("test").texts)
+    settings = {"inference_quantize": args.quantize, "torch_threads": args.threads, "batch_size": args.batch_size,
+                "inference_batch_size": args.inference_batch_size, "batch_within_s": args.within}
+    run_id = uuid.uuid4().hex[:8]
+    env = StreamEnv.make(bootstrap, redis_url, lambda stem: f"{stem}-hotswap-{run_id}", workdir, model_dir,
+                         model_store=workdir / "models", model_poll_s=0, **settings)
+    worker_settings = Settings(**{k.removeprefix("PGKD_").lower(): v for k, v in env.env.items()})
+    registry = Registry(workdir / "models", redis_url, namespace=env.env["PGKD_APP_ID_PREFIX"])
+    version_a, version_b = publish_ab(registry, model_dir, args.noise)
+    registry.promote(version_a, reason="bench: start")
+    topic = env.topics["texts_in"]
+
+    worker = env.start("classify")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    outputs = Outputs(bootstrap, env.topics["labels_out"])
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, worker.wait_ready, 300)
+        await producer.start()
+        await outputs.start()
+        print("worker ready; warming up", flush=True)
+        await backlog(producer, outputs, topic, "warm", texts, 200, timeout_s=120)
+        sustained = None
+        rate = args.rate
+        if not rate:
+            sustained = (await backlog(producer, outputs, topic, "cal", texts, args.calibrate, timeout_s=300))["texts_s"]
+            rate = args.fraction * sustained
+        print(f"paced traffic at {rate:.0f} msg/s (sustained {sustained and round(sustained)}/s)", flush=True)
+
+        stop = asyncio.Event()
+        batch = messages("h", texts, int(rate * (args.quiet * (args.promotions + 1) + 120 * args.promotions)))
+        sender = asyncio.create_task(paced_producer(producer, topic, batch, rate, stop))
+        traffic_start = time.time()
+        promotions, quiet_counters = [], []
+        quiet_from = inference_counters(worker)
+        await asyncio.sleep(args.quiet)
+        for i in range(args.promotions):
+            target = version_b if i % 2 == 0 else version_a
+            before = inference_counters(worker)
+            quiet_counters.append((before[0] - quiet_from[0], before[1] - quiet_from[1]))
+            t0 = time.time()
+            # what `pgkd models promote` does: verify + move the pointer, then announce
+            entry = await loop.run_in_executor(None, lambda v=target: registry.promote(v, reason="bench: hot swap"))
+            await aannounce_model_update(worker_settings, entry)
+            announced = time.time()
+            stamp, arrived = await first_answer_of(outputs, target, t0, timeout_s=120)
+            await asyncio.sleep(args.margin)
+            after = inference_counters(worker)
+            promotions.append({"version": target, "t0": t0, "announced_s": announced - t0,
+                               "first_answer_stamp_s": stamp - t0, "first_answer_arrival_s": arrived - t0,
+                               "window_inference": (after[0] - before[0], after[1] - before[1])})
+            print(f"  promotion {i + 1}/{args.promotions}: {target}, first answer {stamp - t0:.2f}s after the "
+                  "promote call", flush=True)
+            quiet_from = inference_counters(worker)
+            await asyncio.sleep(args.quiet)
+        stop.set()
+        sent = await sender
+        end = inference_counters(worker)
+        quiet_counters.append((end[0] - quiet_from[0], end[1] - quiet_from[1]))
+        ids = [k.decode() for k, _ in batch[:sent]]
+        await outputs.wait_for(ids, timeout_s=300)
+        await asyncio.sleep(args.linger)  # duplicates would arrive now
+        log = worker.tail(10**8)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "hotswap-worker.log").write_text(log)
+        metrics = worker.metrics()
+    finally:
+        await outputs.stop()
+        await producer.stop()
+        env.stop_all()
+        registry.close()
+
+    paced = [(arrived, stamp, out) for arrived, stamp, out in outputs.records if out["id"].startswith("h-")]
+    answers = Counter(out["id"] for _, _, out in paced)
+    swaps = [{"from": m.group(1), "to": m.group(2), "seconds": float(m.group(3))} for m in SWAPPED.finditer(log)]
+    events = log_events(log)
+    for p in promotions:  # when the worker started loading and swapped, relative to the promote call
+        p["worker_log_s"] = {}
+        for ts, what in events:
+            if ts >= p["t0"] and (what.startswith("loading " + p["version"]) or what.endswith("-> " + p["version"])):
+                p["worker_log_s"].setdefault(what.split()[0], round(ts - p["t0"], 3))
+    windows_stamp = [(p["t0"], p["t0"] + p["first_answer_stamp_s"] + args.margin) for p in promotions]
+    windows_arrival = [(p["t0"], p["t0"] + p["first_answer_arrival_s"] + args.margin) for p in promotions]
+    by_stamp = gaps([stamp for _, stamp, _ in paced], windows_stamp)
+    by_arrival = gaps([arrived for arrived, _, _ in paced], windows_arrival)
+    # a single worker answers batch after batch: no answer of the old version may follow one of the new
+    stale = 0
+    for i, p in enumerate(promotions):
+        first_new = p["t0"] + p["first_answer_stamp_s"]
+        until = promotions[i + 1]["t0"] if i + 1 < len(promotions) else float("inf")
+        stale += sum(1 for _, stamp, out in paced if first_new < stamp < until and out["model_version"] != p["version"])
+
+    def ms(pair: tuple[float, float]) -> float:  # mean inference ms per batch
+        return 1000 * pair[0] / max(pair[1], 1)
+
+    return {
+        "settings": settings, "model": model_dir.name, "versions": [version_a, version_b], "rate": rate,
+        "sustained": sustained, "traffic_s": time.time() - traffic_start, "sent": sent,
+        "answered": len(answers), "lost": sum(1 for i in ids if i not in answers),
+        "duplicated": sum(1 for n in answers.values() if n > 1), "stale_after_swap": stale,
+        "promotions": promotions, "swaps": swaps, "gaps_by_stamp": by_stamp, "gaps_by_arrival": by_arrival,
+        "inference_ms_per_batch": {"in_windows": [ms(p["window_inference"]) for p in promotions],
+                                   "quiet": [ms(q) for q in quiet_counters]},
+        "dead_letters": sum(v for k, v in metrics.items() if k.startswith("pgkd_dlq_total")),
+        "load_failures": sum(v for k, v in metrics.items() if k.startswith("pgkd_model_load_failures_total")),
+    }
+
+
+def markdown(res: dict) -> str:
+    a, s = res["args"], res["settings"]
+    st, ar = res["gaps_by_stamp"], res["gaps_by_arrival"]
+    rows = []
+    for i, p in enumerate(res["promotions"]):
+        swap = res["swaps"][i]["seconds"] if i < len(res["swaps"]) else float("nan")
+        rows.append(f"| {i + 1} | {p['version']} | {1000 * p['announced_s']:.0f} | {swap:.1f} | "
+                    f"{p['first_answer_stamp_s']:.2f} | {1000 * st['longest_in_window'][i]:.0f} | "
+                    f"{1000 * ar['longest_in_window'][i]:.0f} | {res['inference_ms_per_batch']['in_windows'][i]:.0f} |")
+    worst_st, worst_ar = max(st["longest_in_window"]), max(ar["longest_in_window"])
+    quiet_ms = summary(res["inference_ms_per_batch"]["quiet"])
+    swap_s = summary([x["seconds"] for x in res["swaps"]]) if res["swaps"] else None
+    sustained = f" (half of the {res['sustained']:.0f}/s the worker sustained on a backlog just before)" \
+        if res["sustained"] else ""
+    lines = [
+        machine_line(res, "the cores were shared with other test runs, and the broker (JVM), the worker and this "
+                     "process share them too"),
+        (f"One classify worker (`pgkd worker classify`) following a registry (model store + pointer in Redis, "
+         f"PGKD_MODEL_POLL_S=0: announcements only), PGKD_INFERENCE_QUANTIZE={s['inference_quantize']}, "
+         f"PGKD_TORCH_THREADS={s['torch_threads']}, PGKD_BATCH_SIZE={s['batch_size']}, "
+         f"PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, PGKD_BATCH_WITHIN_S={s['batch_within_s']}. "
+         f"Versions {res['versions'][0]} = {res['model']} (MiniLM-L6, trained head) and {res['versions'][1]} = the "
+         f"same with its head perturbed (noise {a['noise']} x the weights' std), promoted in turn "
+         f"{len(res['promotions'])} times, {a['quiet']:.0f} s apart, by Registry.promote + the model.updates "
+         f"announcement (what `pgkd models promote` runs). Paced traffic: {res['rate']:.0f} msg/s{sustained}, "
+         f"{res['sent']} messages over {res['traffic_s']:.0f} s."),
+        "",
+        ("Per promotion: the announcement's time (promote call to the broker's ack), the worker's swap (load, "
+         "checksums, int8, warm-up, on its load thread), when the first answer of the new version was sent, the "
+         f"longest gap between consecutive answers from the promote call to that answer + {a['margin']:.0f} s "
+         "(by Kafka timestamp and by arrival here), and the worker's mean inference time per batch meanwhile:"),
+        "",
+        ("| # | to | announce ms | swap s | first new answer s | longest gap ms (Kafka ts) | longest gap ms "
+         "(arrival) | inference ms/batch |"),
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "| gaps between consecutive answers, ms | by Kafka timestamp | by arrival here |",
+        "|---|---|---|",
+        (f"| normal (outside the windows): median / p99 / max | {1000 * st['median_outside']:.1f} / "
+         f"{1000 * st['p99_outside']:.0f} / {1000 * st['max_outside']:.0f} | {1000 * ar['median_outside']:.1f} / "
+         f"{1000 * ar['p99_outside']:.0f} / {1000 * ar['max_outside']:.0f} |"),
+        f"| longest inside a promotion window | {1000 * worst_st:.0f} | {1000 * worst_ar:.0f} |",
+        (f"| **longest during / normal p99** | **{worst_st / st['p99_outside']:.2f}x** | "
+         f"**{worst_ar / ar['p99_outside']:.2f}x** |"),
+        (f"| longest during / normal max | {worst_st / st['max_outside']:.2f}x | "
+         f"{worst_ar / ar['max_outside']:.2f}x |"),
+        "",
+        (f"Answers: {res['sent']} sent, {res['answered']} answered by the student, **{res['lost']} lost, "
+         f"{res['duplicated']} duplicated**; answers of the old version after the first of the new: "
+         f"{res['stale_after_swap']}; dead letters {res['dead_letters']:.0f}, refused versions "
+         f"{res['load_failures']:.0f}. Swap (load + verify + int8 + warm-up) "
+         + (f"{fmt(swap_s, 1)} s" if swap_s else "not found in the log")
+         + f"; inference per batch outside the windows {fmt(quiet_ms)} ms."),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--promotions", type=int, default=5)
+    p.add_argument("--quiet", type=float, default=10.0, help="seconds of traffic before and after each promotion")
+    p.add_argument("--margin", type=float, default=1.0, help="seconds after the first new answer still in the window")
+    p.add_argument("--rate", type=float, help="msg/s (default: --fraction of the rate sustained on a backlog)")
+    p.add_argument("--fraction", type=float, default=0.5)
+    p.add_argument("--calibrate", type=int, default=1500, help="backlog that measures the sustained rate")
+    p.add_argument("--noise", type=float, default=0.5, help="version B's head perturbation")
+    p.add_argument("--linger", type=float, default=3.0, help="seconds to wait for late duplicates")
+    worker_args(p)
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    args = p.parse_args(argv)
+    return run_with_services("hotswap", args, lambda *a: asyncio.run(run(*a)), markdown)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
