@@ -44,12 +44,20 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def machine_line(res: dict, shared: str = "the cores were shared with other test runs") -> str:
-    """The "Machine: ..." sentence every generated block starts with."""
+QUIET_LOAD = 1.0  # a 1-minute load average below this before a run: nothing else was running
+
+
+def machine_line(res: dict, shared: str = "") -> str:
+    """The "Machine: ..." sentence every generated block starts with; says whether
+    other work shared the cores (from the load average before the run) and
+    ``shared``, what the benchmark itself runs beside the measured process."""
     m = res["machine"]
+    quiet = res["load_before"][0] < QUIET_LOAD
+    others = ("no other work ran on the machine" if quiet
+              else "the cores were shared with other engineers' test runs")
     return (f"Machine: {m['cpu']}, {m['cores']} cores (VNNI: {'yes' if m['vnni'] else 'no'}), Python {m['python']}, "
             f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}. Load average (1/5/15 min) "
-            f"{res['load_before']} before, {res['load_after']} after: {shared}.")
+            f"{res['load_before']} before, {res['load_after']} after: {others}{'; ' + shared if shared else ''}.")
 
 
 def load() -> list[float]:

@@ -268,8 +268,7 @@ def markdown(res: dict) -> str:
     sustained = f" (half of the {res['sustained']:.0f}/s the worker sustained on a backlog just before)" \
         if res["sustained"] else ""
     lines = [
-        machine_line(res, "the cores were shared with other test runs, and the broker (JVM), the worker and this "
-                     "process share them too"),
+        machine_line(res, "the broker (JVM), the worker and this process share the two cores"),
         (f"One classify worker (`pgkd worker classify`) following a registry (model store + pointer in Redis, "
          f"PGKD_MODEL_POLL_S=0: announcements only), PGKD_INFERENCE_QUANTIZE={s['inference_quantize']}, "
          f"PGKD_TORCH_THREADS={s['torch_threads']}, PGKD_BATCH_SIZE={s['batch_size']}, "

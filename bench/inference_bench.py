@@ -37,6 +37,7 @@ from _common import (
     fmt,
     load,
     machine,
+    machine_line,
     probe_model_dir,
     summary,
     write_section,
@@ -111,11 +112,9 @@ def accuracy(model_dir, threads: int) -> dict:
 
 
 def markdown(res: dict) -> str:
-    m, a = res["machine"], res["args"]
+    a = res["args"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores (VNNI: {'yes' if m['vnni'] else 'no'}), Python {m['python']}, "
-        f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}. Load average (1/5/15 min) "
-        f"{res['load_before']} before, {res['load_after']} after: the cores were shared with other test runs.",
+        machine_line(res),
         f"Model: default MiniLM-L6, 77-class head, max length 64. Texts: the first {a['texts']} Banking77 test texts "
         f"(naive: {a['naive_texts']}); {a['reps']} interleaved repetitions; texts/s as median (min-max).",
         "",

@@ -219,8 +219,7 @@ def markdown(res: dict) -> str:
     r = res["ratio_per_round"]
     cores = {k: summary([x["cores_used"][k] for x in res["stream"]])["median"] for k in res["stream"][0]["cores_used"]}
     lines = [
-        machine_line(res, "the cores were shared with other test runs, and the broker (JVM), the worker and this "
-                     "process share them too"),
+        machine_line(res, "the broker (JVM), the worker and this process share the two cores"),
         (f"One classify worker (`pgkd worker classify`), model {res['model']} (MiniLM-L6, trained head, max length "
          f"64), PGKD_INFERENCE_QUANTIZE={s['inference_quantize']}, PGKD_TORCH_THREADS={s['torch_threads']}, "
          f"PGKD_BATCH_SIZE={s['batch_size']}, PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, "
