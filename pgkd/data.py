@@ -20,6 +20,20 @@ from pgkd.errors import DataError
 TEXT_JOIN = ". "  # several text columns (AG News title + description) become one text
 
 
+
+def utf8_encodable(text: str) -> bool:
+    r"""False for a string holding a lone surrogate (``json.loads('"\ud800"')``):
+    no tokenizer, file or UTF-8 consumer downstream can take it.
+
+    >>> utf8_encodable("café"), utf8_encodable("\ud800")
+    (True, False)
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 @dataclass(frozen=True)
 class LabelledTexts:
     """Parallel tuples of texts and their labels.

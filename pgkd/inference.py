@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pgkd.data import utf8_encodable
 # Why an input was rejected (dead-letter reason, stage "parse"). Pinned by tests;
 # dashboards and alerts group by these names, so do not rename them.
 REJECT_REASONS = (
@@ -80,7 +81,7 @@ def parse_input(raw: bytes | None, max_text_chars: int, max_id_chars: int = 256)
         return Rejected("malformed_json", f"value is not JSON: {err}")
     if not isinstance(obj, dict):
         return Rejected("not_object", f"expected a JSON object with id and text, got {type(obj).__name__}")
-    if "\\u" in decoded and not _encodable(json.dumps(obj, ensure_ascii=False)):
+    if "\\u" in decoded and not utf8_encodable(json.dumps(obj, ensure_ascii=False)):
         # "\\ud800"-style escapes decode to lone surrogates: no tokenizer or UTF-8 consumer can take them.
         # Checked before any field is read, so a rejected record never carries such an id as its key.
         return Rejected("not_utf8", "the JSON holds a lone surrogate escape (\\ud800-\\udfff)")
@@ -163,13 +164,6 @@ def _deeper_than(value: Any, max_depth: int) -> bool:
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return False
 
-
-def _encodable(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)

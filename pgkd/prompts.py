@@ -1,3 +1,4 @@
+
 """The teacher request contract: chat messages that carry all data in one
 delimited JSON block, and the parsing and validation of the teacher's answers.
 
@@ -27,7 +28,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pgkd.data import LabelledTexts
+from pgkd.data import LabelledTexts, utf8_encodable
 from pgkd.errors import PGKDError, TeacherError
 
 if TYPE_CHECKING:
@@ -342,7 +343,7 @@ def parse_samples(
     labels: list[str] = []
     for item in items:
         if not (isinstance(item, dict) and isinstance(item.get("text"), str) and isinstance(item.get("label"), str)
-                and _unicode(item["text"])):
+                and utf8_encodable(item["text"])):
             rejected["malformed_sample"] += 1
             continue
         text, key = item["text"].strip(), normalize_text(item["text"])
@@ -390,13 +391,6 @@ def _instruction_spans() -> frozenset[str]:
     keys = [normalize_text(t) for t in (_LABEL_SYSTEM, _GENERATE_SYSTEM)]
     return frozenset(k[i : i + ECHO_SPAN] for k in keys for i in range(len(k) - ECHO_SPAN + 1))
 
-
-def _unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def preview(content: str | None, width: int = 80) -> str:

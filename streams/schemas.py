@@ -1,3 +1,4 @@
+
 """Message schemas of the topics the workers write (docs/TOPICS.md has examples).
 
 ``texts.in`` has no Record: producers write plain JSON that
@@ -17,6 +18,7 @@ from typing import Any, Optional, TypeVar
 
 import faust
 
+from pgkd.data import utf8_encodable
 from pgkd.inference import load_json
 
 
@@ -183,7 +185,7 @@ def _decode(cls: type[R], raw: bytes | None, what: str) -> R | str:
         return _one_line(f"unreadable {what}: {type(err).__name__}: {err}")
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
-    if b"\\u" in (raw or b"") and not _utf8(json.dumps(obj, ensure_ascii=False)):
+    if b"\\u" in (raw or b"") and not utf8_encodable(json.dumps(obj, ensure_ascii=False)):
         return f"unreadable {what}: the JSON holds a lone surrogate escape (\\ud800-\\udfff)"
     try:
         return cls.from_data(obj)
@@ -199,13 +201,6 @@ def _check_types(record: R, what: str) -> R | str:
             return f"a {what} needs {name} as {kind}, got {type(value).__name__}"
     return record
 
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _one_line(text: str, width: int = 300) -> str:
