@@ -534,7 +534,9 @@ def test_sustained_load_keeps_worker_memory_flat_and_lag_returns_to_zero(stream,
     rate = 50.0
     n = int(rate * SOAK_S)
     with SimulatorServer(sim_pool) as sim:
-        env = stream(tiny_student, teacher_base_url=sim.url, low_conf_threshold=0.5)
+        # the teacher's budget and rate limits are not what this test is about (tested above): out of the way
+        env = stream(tiny_student, teacher_base_url=sim.url, low_conf_threshold=0.5, teacher_budget_usd=10_000,
+                     teacher_rpm=100_000, teacher_tpm=100_000_000)
         t, prefix = env.topics, env.env["PGKD_APP_ID_PREFIX"]
         workers = {role: env.start(role) for role in ("classify", "teacher")}
         for worker in workers.values():
