@@ -564,9 +564,12 @@ def test_sustained_load_keeps_worker_memory_flat_and_lag_returns_to_zero(stream,
                 break
             time.sleep(1)
         drained_s = time.monotonic() - started - SOAK_S
-        got = collect_sync(env.bootstrap, [t["labels_out"]], lambda g: True, timeout_s=60, linger_s=1)
+        ids = {f"s{i}" for i in range(n)}
+        # labels.out is compacted: a student answer may be gone behind the teacher's for the same id
+        got = collect_sync(env.bootstrap, [t["labels_out"]], lambda g: {r["id"] for r in g.of(t["labels_out"])} >= ids,
+                           timeout_s=180)
     assert lags == {"classify": 0, "teacher": 0}, lags
-    assert {r["id"] for r in student_answers(got, t["labels_out"])} == {f"s{i}" for i in range(n)}
+    assert {r["id"] for r in got.of(t["labels_out"])} == ids
     report = []
     for role, points in samples.items():
         # after warm-up (the first fifth of the run) vs the end: flat, within allocator noise
