@@ -389,20 +389,36 @@ class CuratorState(SampleStore):
 
     async def finish_closing(self, closing: Closing, request: dict) -> None:
         """The request is on the broker: record it, take its samples out of the open
-        batch (samples another curator added meanwhile stay), forget the close."""
-        left = await self._redis.hincrby(self.key("batch"), "teacher", -closing.teacher)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(self.key("requests"), json.dumps(request))
-            if left <= 0:
-                pipe.delete(self.key("batch"))
-            else:
-                pipe.hset(self.key("batch"), "opened_at", repr(time.time()))
-            pipe.delete(self.key("closing"))
-            await pipe.execute()
+        batch (samples another curator added meanwhile stay), forget the close.
+        One Lua call: a curator killed halfway cannot take the samples out twice."""
+        keys = [self.key("batch"), self.key("requests"), self.key("closing")]
+        await self._redis.eval(_FINISH_CLOSING, 3, *keys, closing.teacher, json.dumps(request), repr(time.time()))
 
     async def lock_close(self, owner: str, ttl_s: float) -> bool:
         return bool(await self._redis.set(self.key("close_lock"), owner, nx=True, px=max(1, int(ttl_s * 1000))))
 
+    async def renew_close(self, owner: str, ttl_s: float) -> bool:
+        """Extend the close lock while ``owner`` still holds it; False when it lapsed."""
+        return bool(await self._redis.eval(_RENEW_IF_OWNER, 1, self.key("close_lock"), owner,
+                                           max(1, int(ttl_s * 1000))))
+
     async def unlock_close(self, owner: str) -> None:
         if _str(await self._redis.get(self.key("close_lock")) or b"") == owner:
             await self._redis.delete(self.key("close_lock"))
+
+
+# KEYS: batch, requests, closing; ARGV: the close's teacher samples, the request (JSON), now
+_FINISH_CLOSING = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
+local left = redis.call('HINCRBY', KEYS[1], 'teacher', -tonumber(ARGV[1]))
+redis.call('RPUSH', KEYS[2], ARGV[2])
+if left <= 0 then redis.call('DEL', KEYS[1]) else redis.call('HSET', KEYS[1], 'opened_at', ARGV[3]) end
+redis.call('DEL', KEYS[3])
+return left
+"""
+
+# KEYS: the lock; ARGV: owner, ttl in ms
+_RENEW_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""

@@ -56,7 +56,11 @@ from streams.schemas import RetrainRequest, TeacherLabel
 
 log = logging.getLogger(__name__)
 
-CLOSE_LOCK_TTL_S = 600.0  # a close asks the teacher once; far longer than that takes
+# One curator closes a batch at a time: a lock that lapses this long after its holder
+# stopped renewing it (renewed every third of it while a close runs, so a close that
+# waits minutes for the teacher keeps it; a killed curator's successor resumes the close
+# within this many seconds).
+CLOSE_LOCK_TTL_S = 30.0
 CHECK_EVERY_S = 5.0  # how often the window and drift triggers are checked without new labels
 
 
@@ -145,10 +149,21 @@ class Curator:
                     return None
             if not await self.state.lock_close(self.owner, CLOSE_LOCK_TTL_S):
                 return None  # another curator is closing it
+            renewing = asyncio.create_task(self._keep_close_lock())
             try:
                 return await self._close(await self.state.closing(), trigger)
             finally:
+                renewing.cancel()
                 await self.state.unlock_close(self.owner)
+
+    async def _keep_close_lock(self) -> None:
+        while True:
+            await asyncio.sleep(CLOSE_LOCK_TTL_S / 3)
+            try:
+                if not await self.state.renew_close(self.owner, CLOSE_LOCK_TTL_S):
+                    log.warning("the batch close lock lapsed while closing (Redis slow or away)")
+            except Exception:  # noqa: BLE001 - the close goes on; the lock may lapse, the close is resumable
+                log.warning("could not renew the batch close lock", exc_info=True)
 
     async def _close(self, closing: Closing | None, trigger: str | None) -> dict | None:
         if closing is None:

@@ -579,3 +579,61 @@ def test_sustained_load_keeps_worker_memory_flat_and_lag_returns_to_zero(stream,
         assert end_mb <= start_mb * 1.10 + 16, f"{role} memory grew: {start_mb:.0f} -> {end_mb:.0f} MB"
     print(f"RELIABILITY soak: {n} texts at {rate:.0f}/s for {SOAK_S:.0f}s; {'; '.join(report)}; "
           f"lag 0 on both groups {drained_s:.1f}s after the last text was produced")
+
+
+# --- a curator killed in the middle of closing a batch -----------------------------------------
+
+
+def test_a_curator_killed_mid_close_is_resumed_by_the_next_one_once(stream, tiny_student, sim_pool, tmp_path,
+                                                                     redis_db_url):
+    """The close waits for the teacher's generation (the simulator holds its answer),
+    the curator is SIGKILLed there; the next curator resumes the same close once
+    the lock lapses (PGKD's 30 s close lock, renewed while a close runs): one
+    retrain request, with the round number of the interrupted close."""
+    from streams.schemas import TeacherLabel
+
+    train = banking("train")
+    rows = {label: [i for i, y in enumerate(train.labels) if y == label][:4] for label in sorted(set(train.labels))}
+    seed = [i for r in rows.values() for i in r[:2]]
+    val = [i for r in rows.values() for i in r[2:4]]
+    seed_train = _write_csv(tmp_path / "seed_train.csv", [train.texts[i] for i in seed], [train.labels[i] for i in seed])
+    seed_val = _write_csv(tmp_path / "seed_val.csv", [train.texts[i] for i in val], [train.labels[i] for i in val])
+    sim = SimulatorServer(sim_pool, delay_s=60.0)  # the generation request hangs until the test lets it go
+    env = stream(tiny_student, model_store=tmp_path / "models", teacher_base_url=sim.url, teacher_timeout_s=120,
+                 seed_train=seed_train, seed_val=seed_val, curator_batch_size=20, curator_batch_window_s=0,
+                 curator_drift_trigger="false", curator_generate=8, curator_target_classes=4)
+    t, prefix = env.topics, env.env["PGKD_APP_ID_PREFIX"]
+    registry = Registry(tmp_path / "models", redis_db_url, namespace=prefix)
+    version = registry.import_dir(tiny_student)
+    registry.promote(version, reason="seed", round=0)
+    pool = [i for i in range(len(train)) if i not in set(seed) | set(val)][:30]
+    now = time.time()
+    labels = [(f"l{i}".encode(), TeacherLabel(id=f"l{i}", text=train.texts[i], label=train.labels[i],
+                                               teacher_model="teacher-sim", usage={}, student_label=train.labels[0],
+                                               student_confidence=0.2, model_version=version, ts=now,
+                                               labelled_at=now).dumps()) for i in pool]
+    try:
+        first = env.start("curator")
+        produce_sync(env.bootstrap, t["teacher_labels"], labels[:20])
+        deadline = time.monotonic() + 120
+        while "closing batch for round 1" not in first.tail(10**7) or sim.stats["chat_requests"] == 0:
+            assert first.alive() and time.monotonic() < deadline, first.tail()
+            time.sleep(0.5)
+        first.kill()  # mid-close: the request is not out yet, the generation is still waiting
+        killed_at = time.monotonic()
+        sim.delay_s = 0.0
+        second = env.start("curator")
+        produce_sync(env.bootstrap, t["teacher_labels"], labels[20:])  # a new batch starts meanwhile
+        got = collect_sync(env.bootstrap, [t["retrain_requests"]], lambda g: bool(g.of(t["retrain_requests"])),
+                           timeout_s=150, workers=[second], linger_s=8)
+        resumed_s = time.monotonic() - killed_at
+        assert "a batch close was interrupted; resuming it" in second.tail(10**7) or resumed_s > 25
+    finally:
+        sim.close()
+    (request,) = got.of(t["retrain_requests"])
+    assert request["request_id"] == f"{prefix}-round-1" and request["round"] == 1
+    assert request["counts"]["teacher"] == 20
+    batch = redis.Redis.from_url(redis_db_url).hgetall(f"{prefix}:curator:batch")
+    assert int(batch.get(b"teacher", 0)) == 10  # the second batch's samples, counted once
+    print(f"RELIABILITY curator killed mid-close: the next curator published the same request "
+          f"{resumed_s:.0f}s after the kill")
