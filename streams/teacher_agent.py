@@ -9,6 +9,12 @@ to the teacher in requests of ``teacher_batch_size`` texts, at most
 and the spend budget. A request that still fails after the client's retries
 sends its texts to ``texts.dlq`` (stage "teacher", with the reason).
 
+Budget: every call's worst-case cost (``max_tokens`` and the prompt's size) is
+booked in the shared ledger before it is made and settled to the real cost
+after (:meth:`pgkd.teacher_cache.SpendLedger.reserve`), so all teacher workers
+and the curator together never spend past the budget. When the next call's
+booking does not fit, the budget counts as exhausted.
+
 Budget exhausted: the worker stops calling, records why (log, the
 ``pgkd_teacher_budget_exhausted`` gauge, ``<prefix>:teacher:budget_status`` in
 Redis) and *holds the batch without acknowledging it*. Kafka keeps the backlog:
