@@ -12,7 +12,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -116,37 +115,26 @@ def write_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
 
 
 @contextlib.contextmanager
-def local_service(script: str, port_args: list[str], data_dir: Path):
-    """deploy/local/<script> start ... stop, with its data in data_dir."""
-    local = REPO / "deploy" / "local"
-    args = [*port_args, "--data-dir", str(data_dir)]
-    started = subprocess.run([str(local / script), "start", *args], cwd=REPO, capture_output=True, text=True,
-                             timeout=300, check=False)
-    try:
-        if started.returncode != 0:
-            raise SystemExit(f"deploy/local/{script} did not start:\n{started.stdout}{started.stderr}")
-        yield
-    finally:
-        subprocess.run([str(local / script), "stop", *args], cwd=REPO, capture_output=True, timeout=120, check=False)
-
-
-@contextlib.contextmanager
 def services(workdir: Path, bootstrap: str | None = None, redis_url: str | None = None,
              kafka: bool = True) -> Iterator[tuple[str | None, str]]:
     """(bootstrap, redis_url): the given ones, else a Kafka (when ``kafka``) and a
     Redis started here on free loopback ports, stopped on exit (also on Ctrl-C)."""
-    from streaming_support import free_port
+    from streaming_support import LocalService
 
     with contextlib.ExitStack() as stack:
-        if kafka and not bootstrap:
-            port = free_port()
-            stack.enter_context(local_service("kafka", ["--port", str(port), "--controller-port", str(free_port())],
-                                              workdir / "kafka"))
-            bootstrap = f"127.0.0.1:{port}"
-        if not redis_url:
-            port = free_port()
-            stack.enter_context(local_service("redis", ["--port", str(port)], workdir / "redis"))
-            redis_url = f"redis://127.0.0.1:{port}/0"
+        for script, given in (("kafka", bootstrap if kafka else "-"), ("redis", redis_url)):
+            if given:
+                continue
+            service = LocalService(script, workdir / script)
+            stack.callback(service.stop)
+            try:
+                service.start()
+            except RuntimeError as err:
+                raise SystemExit(str(err)) from None
+            if script == "kafka":
+                bootstrap = service.address
+            else:
+                redis_url = f"{service.address}/0"
         print(f"kafka {bootstrap}, redis {redis_url}", flush=True)
         yield bootstrap, redis_url
 
