@@ -163,9 +163,7 @@ def cmd_distill(args) -> int:
 
 def cmd_split(args) -> int:
     """The paper's protocol as files: train/val from n_seed samples, a pool, a test set."""
-    import csv
-
-    from pgkd.data import paper_splits
+    from pgkd.data import paper_splits, write_labelled
 
     data = _load(args.data, args, min_classes=2)
     test = _load(args.test, args) if args.test else None
@@ -176,10 +174,7 @@ def cmd_split(args) -> int:
     sizes = {}
     for name in ("train", "val", "pool", "test"):
         part = getattr(splits, name)
-        with (out / f"{name}.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["text", "label"])
-            writer.writerows(zip(part.texts, part.labels))
+        write_labelled(out / f"{name}.csv", part)
         sizes[name] = len(part)
     print(json.dumps({"out": str(out), **sizes}))
     return 0

@@ -100,6 +100,16 @@ def join_text(parts: Iterable[object]) -> str:
     return TEXT_JOIN.join(p for p in kept if p)
 
 
+def write_labelled(path: str | Path, data: LabelledTexts) -> Path:
+    """Write ``data`` as a ``text,label`` CSV that :func:`load_labelled` reads back."""
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(data.texts, data.labels, strict=True))
+    return path
+
+
 def load_labelled(
     path: str | Path, text_cols: str | Sequence[str], label_col: str, min_classes: int = 2
 ) -> LabelledTexts:

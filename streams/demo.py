@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import os
 import shutil
@@ -242,17 +241,9 @@ class Services:
 # --- data and the seed model ---------------------------------------------------------------
 
 
-def _write_csv(path: Path, texts, labels) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(zip(texts, labels, strict=True))
-    return path
-
-
 def prepare_data(args, run_dir: Path):
     """The paper's splits as CSV files (text,label) in ``run_dir``."""
-    from pgkd.data import load_labelled, paper_splits
+    from pgkd.data import load_labelled, paper_splits, write_labelled
 
     default_data = Path(args.data) == DATASETS / "banking77" / "train.csv"
     text_cols = [c.strip() for c in (args.text_col or "text").split(",") if c.strip()]
@@ -261,7 +252,7 @@ def prepare_data(args, run_dir: Path):
     test_path = args.test or (str(DATASETS / "banking77" / "test.csv") if default_data else None)
     test = load_labelled(test_path, text_cols, label_col, min_classes=1) if test_path else None
     splits = paper_splits(data, n_seed=args.n_seed, val_fraction=0.2, n_test=args.n_test, seed=args.seed, test=test)
-    files = {name: _write_csv(run_dir / f"{name}.csv", part.texts, part.labels)
+    files = {name: write_labelled(run_dir / f"{name}.csv", part)
              for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test),
                                 ("pool", splits.pool))}
     say(f"data: {args.data}: {splits.sizes()} ({len(data.classes())} classes) -> {run_dir}")

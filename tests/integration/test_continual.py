@@ -10,7 +10,6 @@ batch of teacher labels, one round trained head-only (PGKD_TRAINER_MODE=head).
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 from streaming_support import banking, collect_sync, metric_sum, produce, produce_sync, text_message
 
-from pgkd.data import LabelledTexts
+from pgkd.data import LabelledTexts, write_labelled
 from pgkd.registry import Registry
 from pgkd.simulator import SimulatorServer
 
@@ -57,21 +56,13 @@ def _per_class(data: LabelledTexts, counts: list[int]) -> list[LabelledTexts]:
     return [LabelledTexts(tuple(t), tuple(y)) for t, y in parts]
 
 
-def _write(path: Path, data: LabelledTexts) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(zip(data.texts, data.labels, strict=True))
-    return path
-
-
 @pytest.fixture(scope="module")
 def loop_data(tmp_path_factory) -> LoopData:
     root = tmp_path_factory.mktemp("loop_data")
     seed, val, stream_part, rest = _per_class(banking("train"), [N_SEED, N_VAL, N_STREAM])
     test = _per_class(banking("test"), [N_TEST])[0]
-    return LoopData(_write(root / "seed_train.csv", seed), _write(root / "seed_val.csv", val),
-                    _write(root / "seed_test.csv", test), stream_part, stream_part.concat(rest), test, val)
+    return LoopData(write_labelled(root / "seed_train.csv", seed), write_labelled(root / "seed_val.csv", val),
+                    write_labelled(root / "seed_test.csv", test), stream_part, stream_part.concat(rest), test, val)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from streaming_support import (
     text_message,
 )
 
+from pgkd.data import write_labelled
 from pgkd.registry import Registry
 from pgkd.simulator import SimulatorServer
 
@@ -233,16 +234,6 @@ def test_redis_crash_and_restart_degrades_and_recovers(kafka_bootstrap, own_redi
 CANARY_KEY = "sk-test-CANARY-7f3e9a1c5b2d"  # the teacher API key of the chaos run: must appear nowhere
 
 
-def _write_csv(path: Path, texts, labels) -> Path:
-    import csv
-
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(zip(texts, labels, strict=True))
-    return path
-
-
 class PointerWatch(threading.Thread):
     """Reads the registry's current pointer every 0.3 s and verifies the version
     it names (every file against the manifest): a partial version would fail."""
@@ -277,10 +268,8 @@ def test_random_sigkills_of_every_worker_type_lose_nothing_and_run_no_round_twic
         per_class.setdefault(label, []).append(i)
     seed_rows = [i for rows in per_class.values() for i in rows[:3]]
     val_rows = [i for rows in per_class.values() for i in rows[3:6]]
-    seed_train = _write_csv(tmp_path / "seed_train.csv", [train.texts[i] for i in seed_rows],
-                            [train.labels[i] for i in seed_rows])
-    seed_val = _write_csv(tmp_path / "seed_val.csv", [train.texts[i] for i in val_rows],
-                          [train.labels[i] for i in val_rows])
+    seed_train = write_labelled(tmp_path / "seed_train.csv", train.subset(seed_rows))
+    seed_val = write_labelled(tmp_path / "seed_val.csv", train.subset(val_rows))
     n = 3000
     ids = [f"c{i}" for i in range(n)]
     messages = [text_message(i, x) for i, x in zip(ids, test.texts[:n], strict=True)]
@@ -596,8 +585,8 @@ def test_a_curator_killed_mid_close_is_resumed_by_the_next_one_once(stream, tiny
     rows = {label: [i for i, y in enumerate(train.labels) if y == label][:4] for label in sorted(set(train.labels))}
     seed = [i for r in rows.values() for i in r[:2]]
     val = [i for r in rows.values() for i in r[2:4]]
-    seed_train = _write_csv(tmp_path / "seed_train.csv", [train.texts[i] for i in seed], [train.labels[i] for i in seed])
-    seed_val = _write_csv(tmp_path / "seed_val.csv", [train.texts[i] for i in val], [train.labels[i] for i in val])
+    seed_train = write_labelled(tmp_path / "seed_train.csv", train.subset(seed))
+    seed_val = write_labelled(tmp_path / "seed_val.csv", train.subset(val))
     sim = SimulatorServer(sim_pool, delay_s=60.0)  # the generation request hangs until the test lets it go
     env = stream(tiny_student, model_store=tmp_path / "models", teacher_base_url=sim.url, teacher_timeout_s=120,
                  seed_train=seed_train, seed_val=seed_val, curator_batch_size=20, curator_batch_window_s=0,

@@ -179,3 +179,11 @@ def test_paper_splits_rejects_bad_sizes():
         paper_splits(data, n_seed=8)
     with pytest.raises(DataError, match=r"^n_seed=100 must be between 2 and 16 "):
         paper_splits(data, n_seed=100, n_test=4)
+
+
+def test_write_labelled_round_trips_through_load_labelled(tmp_path):
+    from pgkd.data import LabelledTexts, load_labelled, write_labelled
+
+    data = LabelledTexts(('a "quoted", text', "línea\ntwo", "third"), ("x", "y", "x"))
+    path = write_labelled(tmp_path / "d.csv", data)
+    assert load_labelled(path, "text", "label") == data
