@@ -81,7 +81,8 @@ class TeacherWorker:
         self._pool: asyncio.Queue[OpenAITeacher] = asyncio.Queue()
         for _ in range(s.teacher_concurrency):
             # the ledger books each call's worst-case cost first: all workers together stay within the budget
-            self._pool.put_nowait(OpenAITeacher.from_settings(s, self.taxonomy, concurrency=1, spend=self.ledger))
+            self._pool.put_nowait(OpenAITeacher.from_settings(s, self.taxonomy, concurrency=1, budget_usd=None,
+                                                              spend=self.ledger))
         metrics.TEACHER_BUDGET.set(s.teacher_budget_usd)
         self._started = True
         log.info("teacher worker: %s at %s, %d labels, budget $%g", s.teacher_model, s.teacher_base_url,
@@ -177,7 +178,6 @@ class TeacherWorker:
             metrics.TEACHER_RATE_LIMITED.inc(await self.limiter.acquire(tokens))
             teacher = await self._pool.get()
             before = teacher.usage.copy()
-            teacher.budget_usd = None  # the shared ledger (spend=) books every call, retries included
             started = time.perf_counter()
             hold = ""
             try:
