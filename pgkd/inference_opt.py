@@ -1,4 +1,7 @@
-"""Int8 inference for the served student (``PGKD_INFERENCE_QUANTIZE=int8``).
+"""Serving-only forms of the student: int8 weights (``PGKD_INFERENCE_QUANTIZE=int8``)
+and the forward pass as one TorchScript graph (``PGKD_INFERENCE_GRAPH=torchscript``).
+
+Int8.
 
 Dynamic quantization: each Linear layer of the encoder keeps its weights as int8
 (symmetric, one scale per output channel) and quantizes its input per batch, so
@@ -12,11 +15,29 @@ of pre-VNNI AVX2 kernels cannot saturate). That costs ~3 accuracy points on
 Banking77 with a linear-probe head; full 8-bit inputs and per-channel weights
 keep accuracy. So inputs use the full 8 bits where the CPU has VNNI (int32
 accumulation, no saturation) and 7 bits elsewhere.
+
+TorchScript. transformers' forward pass is a few hundred small Python calls; at
+batches of 8-16 texts on a CPU the interpreter between torch ops is a fifth of
+its time, and it holds the GIL all along, so the classifier's event loop
+(Kafka I/O, JSON) and its inference thread take turns instead of sharing the two
+cores: a Python thread busy 30% of the time made eager batches of 8 1.8x slower.
+:func:`trace_forward` records the forward once with ``torch.jit.trace``; the
+graph then runs in TorchScript's C++ interpreter, which releases the GIL for the
+whole call (the same busy thread: 1.16x). Same ops, same results: the trace is
+checked against the eager model on padded and unpadded batches of several shapes
+before it serves, and refused (:class:`TraceError`) when they differ, e.g. for
+an architecture whose forward branches on its inputs' values.
+
+``torch.jit`` is deprecated in favour of ``torch.compile``/``torch.export``, but
+neither of those releases the GIL without a C++ toolchain at run time; when a torch
+drops ``torch.jit``, :func:`trace_forward` raises TraceError and the worker
+serves the eager model (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -94,3 +115,70 @@ def quantize_encoder(model: torch.nn.Module) -> int:
     if isinstance(layers, torch.nn.ModuleList) and len(layers) > 1:
         return sum(quantize_linear_layers(layer) for layer in layers[:-1])
     return quantize_linear_layers(base)  # an unknown layout: every Linear of the encoder
+
+
+# --- TorchScript ---------------------------------------------------------------------
+
+# Probe batches for the trace and its check: different lengths, so that the
+# traced batch is padded (a forward that skips its attention mask when nothing is
+# padded records that skip in the trace), then other batch sizes and lengths.
+TRACE_EXAMPLE = ("a short probe", "a longer probe sentence, so that the first one of the batch is padded")
+TRACE_CHECKS = (
+    ("one text alone, nothing padded",),
+    ("three texts", "of different lengths, to check", "that the graph is not fixed to one shape or batch size"),
+)
+TRACE_TOLERANCE = 1e-4  # max |logit difference|, relative to the largest |logit|
+
+
+class TraceError(Exception):
+    """The forward pass cannot be served as a TorchScript graph (the eager model serves)."""
+
+
+class _Logits(torch.nn.Module):
+    """model(**inputs).logits with positional tensor inputs (what torch.jit.trace records)."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
+        super().__init__()
+        self.model, self.names = model, tuple(names)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, tensors, strict=True))).logits
+
+
+class TracedForward:
+    """A sequence classifier's forward pass as one TorchScript graph: ``logits = traced(encoding)``."""
+
+    def __init__(self, graph: torch.jit.ScriptModule, names: Sequence[str]):
+        self.graph, self.names = graph, tuple(names)
+
+    def __call__(self, encoding: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.graph(*(encoding[name] for name in self.names))
+
+
+def trace_forward(model: torch.nn.Module, encode) -> TracedForward:
+    """Trace ``model`` (in eval mode, weights frozen) on padded example batches
+    from ``encode(texts) -> encoding``; TraceError when tracing fails or the graph's
+    logits differ from the eager model's on :data:`TRACE_CHECKS`."""
+    example = encode(list(TRACE_EXAMPLE))
+    if "attention_mask" in example and bool(example["attention_mask"].all()):
+        raise TraceError("the example batch is not padded; cannot trace the padded path")
+    names = tuple(example.keys())
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            # torch.jit's FutureWarning, and TracerWarnings on Python branches that the
+            # checks below catch when they matter
+            warnings.simplefilter("ignore")
+            graph = torch.jit.trace(_Logits(model, names), tuple(example[n] for n in names), check_trace=False)
+    except Exception as err:  # noqa: BLE001 - whatever torch.jit raises, the eager model serves
+        raise TraceError(f"torch.jit.trace failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+    traced = TracedForward(graph, names)
+    with torch.inference_mode():
+        for texts in (TRACE_EXAMPLE, *TRACE_CHECKS):
+            encoding = encode(list(texts))
+            eager, got = model(**encoding).logits, traced(encoding)
+            scale = max(1.0, float(eager.abs().max()))
+            diff = float((eager - got).abs().max()) if eager.shape == got.shape else float("inf")
+            if not diff <= TRACE_TOLERANCE * scale:
+                raise TraceError(f"the traced graph's logits differ from the model's by {diff:.3g} on a batch of "
+                                 f"{len(texts)}; serving the eager model")
+    return traced

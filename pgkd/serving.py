@@ -95,10 +95,25 @@ def load_version(settings: Settings, version: str) -> ServingModel:
     with Registry.from_settings(settings) as registry:
         student = registry.load(version)
         path = registry.path(version)
-    student.optimize_for_inference(settings.inference_quantize)
-    log.info("serving model %s from %s (%d labels, device %s, %s)", version, path, len(student.labels),
-             student.device, student.quantize)
+    prepare(student, settings)
+    log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
+             student.device, student.quantize, student.graph)
     return ServingModel(student=student, version=version, path=path)
+
+
+def prepare(student: Student, settings: Settings) -> Student:
+    """Quantize and trace ``student`` for serving as the settings ask
+    (PGKD_INFERENCE_QUANTIZE, PGKD_INFERENCE_GRAPH). A model that does not trace
+    faithfully is served eager: logged, with the reason."""
+    from pgkd.inference_opt import TraceError
+
+    student.optimize_for_inference(settings.inference_quantize)
+    try:
+        student.optimize_for_inference(settings.inference_quantize, settings.inference_graph)
+    except TraceError as err:
+        log.warning("PGKD_INFERENCE_GRAPH=%s refused for this model (%s); serving it eager", settings.inference_graph,
+                    err)
+    return student
 
 
 def load_serving_model(settings: Settings) -> ServingModel:
@@ -111,10 +126,10 @@ def load_serving_model(settings: Settings) -> ServingModel:
     from pgkd.student import Student
 
     path = _fallback_path(settings)
-    student = Student.load(path).optimize_for_inference(settings.inference_quantize)
+    student = prepare(Student.load(path), settings)
     version = model_version(path)
-    log.info("serving model %s from %s (%d labels, device %s, %s)", version, path, len(student.labels),
-             student.device, student.quantize)
+    log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
+             student.device, student.quantize, student.graph)
     return ServingModel(student=student, version=version, path=path)
 
 

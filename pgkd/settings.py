@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         "fp32", description="served weights: fp32 as trained, or int8 (the Linear layers of every encoder layer but "
         "the last dynamically quantized: ~1.5x CPU throughput, accuracy within 0.5 points on Banking77; CPU only)"
     )
+    inference_graph: Literal["eager", "torchscript"] = Field(
+        "torchscript", description="the served forward pass: torchscript (traced once per loaded version and checked "
+        "against eager: the same logits, less Python, the GIL released while it runs; a model that does not trace "
+        "faithfully is served eager, with a warning) or eager (transformers' Python forward)"
+    )
 
     # --- classifier agent -----------------------------------------------------
     batch_size: int = Field(

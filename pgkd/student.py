@@ -34,6 +34,7 @@ SHARDED_INDEX = "model.safetensors.index.json"  # what save_pretrained writes fo
 # torch.save / pickle formats (pytorch_model.bin, training_args.bin, *.pt, ...): never in a directory we load
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 QUANTIZE_MODES = ("fp32", "int8")  # Student.optimize_for_inference / PGKD_INFERENCE_QUANTIZE
+GRAPH_MODES = ("eager", "torchscript")  # Student.optimize_for_inference / PGKD_INFERENCE_GRAPH
 
 
 def default_encoder_path() -> Path:
@@ -61,6 +62,8 @@ class Student:
         self.labels: list[str] = list(labels)  # index -> label name
         self.max_length = max_length
         self.quantize = "fp32"  # set by optimize_for_inference(); an int8 student only serves
+        self.graph = "eager"  # "torchscript" after optimize_for_inference(graph=...); a traced student only serves
+        self._traced = None  # pgkd.inference_opt.TracedForward when graph == "torchscript"
         self.device = torch.device("cpu")
         if device is not None:
             self.to(device)
@@ -156,42 +159,67 @@ class Student:
         """An independent copy of the weights (the tokenizer is shared: it is never changed)."""
         twin = Student(copy.deepcopy(self.model), self.tokenizer, self.labels, self.max_length, self.device)
         twin.quantize = self.quantize
+        if self.graph != "eager":  # a graph records its module's weights: trace the copy's own
+            twin.optimize_for_inference(self.quantize, self.graph)
         return twin
 
     def to(self, device) -> Student:
         device = torch.device(device)
+        if self.graph != "eager" and device != self.device:
+            raise ModelError(f"a {self.graph} student stays on {self.device}; load the model again for {device}")
         if self.quantize != "fp32" and device.type != "cpu":
             raise ModelError(f"a {self.quantize} student runs on the CPU only, not on {device}")
         self.device = device
         self.model.to(self.device)
         return self
 
-    def optimize_for_inference(self, quantize: str = "fp32") -> Student:
-        """Prepare the weights for serving, in place; returns ``self``.
+    def optimize_for_inference(self, quantize: str = "fp32", graph: str = "eager") -> Student:
+        """Prepare the student for serving, in place; returns ``self``.
 
-        ``"fp32"`` changes nothing. ``"int8"`` replaces the Linear layers of
-        every encoder layer but the last by dynamically quantized ones
+        ``quantize="fp32"`` keeps the weights. ``"int8"`` replaces the Linear
+        layers of every encoder layer but the last by dynamically quantized ones
         (:func:`pgkd.inference_opt.quantize_encoder`): about 1.5x the fp32
-        throughput on a CPU (docs/BENCHMARKS.md). An int8 student runs on the CPU only and can no longer be
-        trained or saved: serve a copy, keep the fp32 one for training."""
+        throughput on a CPU (docs/BENCHMARKS.md); CPU only.
+
+        ``graph="torchscript"`` runs the forward pass as one traced TorchScript
+        graph (:func:`pgkd.inference_opt.trace_forward`): the same logits, less
+        Python per pass, and the GIL released while it runs. When the model
+        cannot be traced faithfully this raises
+        :class:`pgkd.inference_opt.TraceError` and the student stays eager.
+
+        An optimized student can no longer be trained or saved, nor (traced)
+        moved: serve a copy, keep the fp32 one for training."""
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
-        if quantize == self.quantize:
-            return self
-        if quantize == "fp32":  # the fp32 weights are gone
-            raise ModelError(f"a {self.quantize} student cannot go back to fp32; load the model again")
-        if self.device.type != "cpu":
-            raise ModelError(f"int8 quantization runs on the CPU only; this student is on {self.device}")
-        from pgkd.inference_opt import quantize_encoder
+        if graph not in GRAPH_MODES:
+            raise ValueError(f"graph must be one of {', '.join(GRAPH_MODES)}, got {graph!r}")
+        if quantize != self.quantize:
+            if quantize == "fp32":  # the fp32 weights are gone
+                raise ModelError(f"a {self.quantize} student cannot go back to fp32; load the model again")
+            if self.graph != "eager":
+                raise ModelError("quantize before tracing: a traced graph keeps the weights it recorded")
+            if self.device.type != "cpu":
+                raise ModelError(f"int8 quantization runs on the CPU only; this student is on {self.device}")
+            from pgkd.inference_opt import quantize_encoder
 
-        self.model.eval()
-        quantize_encoder(self.model)
-        self.quantize = quantize
+            self.model.eval()
+            quantize_encoder(self.model)
+            self.quantize = quantize
+        if graph != self.graph:
+            if graph == "eager":
+                raise ModelError(f"a {self.graph} student cannot go back to eager; load the model again")
+            from pgkd.inference_opt import trace_forward
+
+            self.model.eval()
+            self._traced = trace_forward(self.model, self.encode)
+            self.graph = graph
         return self
 
     def _check_trainable(self, what: str) -> None:
         if self.quantize != "fp32":
             raise ModelError(f"a {self.quantize} student cannot be {what}; use the fp32 model it was made from")
+        if self.graph != "eager":
+            raise ModelError(f"a {self.graph} student cannot be {what}; use the eager model it was made from")
 
     # --- using ------------------------------------------------------------------
 
@@ -220,7 +248,8 @@ class Student:
             with torch.inference_mode():
                 for start in range(0, len(texts), batch_size):
                     idx = order[start : start + batch_size]
-                    logits = self.model(**self.encode([texts[i] for i in idx])).logits  # (batch, C)
+                    encoding = self.encode([texts[i] for i in idx])
+                    logits = self._traced(encoding) if self._traced else self.model(**encoding).logits  # (batch, C)
                     out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         finally:
             if was_training:

@@ -34,4 +34,22 @@ def test_the_served_student_is_quantized_as_configured(model_dir, tmp_path, quan
                              redis_url=f"redis://127.0.0.1:{_closed_port()}/0", inference_quantize=quantize)
     served = load_serving_model(settings)
     assert served.student.quantize == quantize and served.version == "v1"
+    assert served.student.graph == "torchscript"  # the default PGKD_INFERENCE_GRAPH
     assert served.student.predict_proba(["hello"]).shape == (1, 3)
+
+
+def test_a_model_that_does_not_trace_is_served_eager(model_dir, tmp_path, monkeypatch, caplog):
+    import pgkd.inference_opt
+
+    def refuse(model, encode):
+        raise pgkd.inference_opt.TraceError("the traced graph's logits differ from the model's by 1")
+
+    monkeypatch.setattr(pgkd.inference_opt, "trace_forward", refuse)
+    settings = load_settings(serve_model=str(model_dir), model_store=tmp_path / "store", redis_timeout_s=0.5,
+                             redis_url=f"redis://127.0.0.1:{_closed_port()}/0")
+    served = load_serving_model(settings)
+    assert served.student.graph == "eager"
+    assert served.student.predict_proba(["hello"]).shape == (1, 3)
+    assert "PGKD_INFERENCE_GRAPH=torchscript refused for this model (the traced graph's logits differ" in caplog.text
+    eager = load_serving_model(load_settings(**{**settings.model_dump(), "inference_graph": "eager"}))
+    assert eager.student.graph == "eager"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pgkd.errors import ModelError
-from pgkd.inference_opt import Int8Linear, quantize_linear_layers
+from pgkd.inference_opt import Int8Linear, TraceError, quantize_linear_layers, trace_forward
 from pgkd.student import Student, default_encoder_path
 
 LABELS = ["neg", "neu", "pos"]
@@ -181,3 +181,76 @@ def test_int8_linear_matches_fp32_within_quantization_error(full_range):
     # 8-bit inputs: ~1% of the output range; 7-bit: about twice that
     tolerance = 0.02 if full_range else 0.04
     assert (got - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+# --- optimize_for_inference(graph="torchscript") (PGKD_INFERENCE_GRAPH) -------------------
+
+
+@pytest.mark.parametrize("quantize", ["fp32", "int8"])
+def test_the_traced_graph_gives_the_eager_results(student, quantize):
+    eager = student.clone().optimize_for_inference(quantize)
+    traced = student.clone().optimize_for_inference(quantize, "torchscript")
+    assert traced.graph == "torchscript" and eager.graph == "eager" and student.graph == "eager"
+    for batch_size in (1, 2, 5):  # unpadded single texts, padded pairs, all at once: other shapes than the trace's
+        np.testing.assert_allclose(traced.predict_proba(TEXTS, batch_size), eager.predict_proba(TEXTS, batch_size),
+                                   atol=1e-6)
+    long = ["word " * 100]  # truncated to max_length: the longest shape the graph sees
+    np.testing.assert_allclose(traced.predict_proba(long), eager.predict_proba(long), atol=1e-6)
+    assert traced.optimize_for_inference(quantize, "torchscript") is traced  # idempotent
+
+
+def test_a_traced_student_only_serves(student, tmp_path):
+    student.optimize_for_inference("fp32", "torchscript")
+    with pytest.raises(ModelError, match="^a torchscript student cannot be saved; use the eager model"):
+        student.save(tmp_path / "t")
+    with pytest.raises(ModelError, match="^a torchscript student cannot be trained"):
+        student.fit(None, None, None)
+    with pytest.raises(ModelError, match="^a torchscript student stays on cpu; load the model again for meta$"):
+        student.to("meta")
+    with pytest.raises(ModelError, match="^a torchscript student cannot go back to eager"):
+        student.optimize_for_inference("fp32", "eager")
+    with pytest.raises(ModelError, match="^quantize before tracing"):
+        student.optimize_for_inference("int8", "torchscript")
+    with pytest.raises(ValueError, match="^graph must be one of eager, torchscript, got 'onnx'$"):
+        student.optimize_for_inference("fp32", "onnx")
+
+
+def test_a_traced_clone_runs_its_own_weights(student):
+    traced = student.optimize_for_inference("fp32", "torchscript")
+    twin = traced.clone()
+    assert twin.graph == "torchscript"
+    before = traced.predict_proba(TEXTS)
+    with torch.no_grad():
+        twin.model.classifier.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+    twin = twin.clone()  # traced again, from the changed weights
+    assert (twin.predict_proba(TEXTS).argmax(1) == 0).all()
+    np.testing.assert_array_equal(traced.predict_proba(TEXTS), before)  # the original's graph did not change
+
+
+class _BranchesOnValues(torch.nn.Module):
+    """A classifier whose forward takes a Python branch on its input's values:
+    a trace records one branch only, so it must be refused."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        out = self.model(**inputs)
+        if bool(inputs["input_ids"].shape[0] > 2):  # the trace sees a batch of 2
+            out.logits = out.logits + 1.0
+        return out
+
+
+def test_a_model_that_does_not_trace_faithfully_is_refused(student):
+    with pytest.raises(TraceError, match="^the traced graph's logits differ from the model's by 1 on a batch of 3"):
+        trace_forward(_BranchesOnValues(student.model).eval(), student.encode)
+
+
+def test_a_model_that_cannot_be_traced_is_refused(student):
+    class Unsupported(torch.nn.Module):
+        def forward(self, **inputs):
+            raise RuntimeError("an op the tracer does not know\nsecond line")
+
+    with pytest.raises(TraceError, match="^torch.jit.trace failed: RuntimeError: an op the tracer does not know$"):
+        trace_forward(Unsupported(), student.encode)
