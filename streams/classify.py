@@ -48,6 +48,7 @@ class Classifier:
         # one thread: batches are sequential; torch parallelises inside a batch (PGKD_TORCH_THREADS)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-inference")
         self.drift = DriftWatch.from_settings(settings)  # None when PGKD_DRIFT_ENABLED=false
+        self._built: asyncio.Future | None = None  # resolved once the latest batch queued its records
 
     async def start(self) -> None:
         if self.model is not None:  # the agent restarts on rebalances; the model stays
@@ -78,7 +79,7 @@ class Classifier:
         predict = model.student.predict_proba
         size = self.settings.inference_batch_size
         try:
-            probs = await loop.run_in_executor(self._executor, predict, texts, size)
+            probs = await loop.run_in_executor(self._executor, _timed, predict, texts, size)
             return list(probs)
         except Exception as err:  # noqa: BLE001 - any model failure: retry one by one, then DLQ
             log.warning("batch inference failed (%s: %s); retrying text by text", type(err).__name__, err)
@@ -103,16 +104,22 @@ class Classifier:
         )
 
     async def handle(self, batch: Sequence[Incoming]) -> asyncio.Future:
-        """Classify one batch and queue its records; returns a future that
-        resolves once the broker stored every one of them (run_batches acks the
-        batch then, and meanwhile classifies the next one). Bad records become
-        dead letters; the batch goes on."""
+        """Start classifying one batch; returns a future that resolves once the
+        broker stored every record the batch produced (run_batches acks the
+        batch then).
+
+        The batch's inference is queued on the inference thread before this
+        returns, so run_batches takes and queues the next batch while this one
+        is inferred, and builds this one's records while the next is inferred:
+        the inference thread never waits for the event loop (it runs a traced
+        graph without the GIL, PGKD_INFERENCE_GRAPH). Records are built batch
+        after batch, in the order the batches came. Bad records become dead
+        letters; the batch goes on."""
         model = self.model
         assert model is not None, "start() loads the model before the first batch"
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.TEXTS_TOTAL.inc(len(batch))
         sends: list[Awaitable] = []
-        answered: list[tuple[str, float]] = []  # (label, confidence) for the drift window
         valid: list[tuple[Incoming, TextIn]] = []
         for msg in batch:
             parsed = parse_input(msg.value, self.settings.max_text_chars, self.settings.max_id_chars)
@@ -121,14 +128,29 @@ class Classifier:
                 sends.append(send(self.topics.dlq, letter.key(), letter.dumps()))
             else:
                 valid.append((msg, parsed))
+        inferred = asyncio.ensure_future(self._predict(model, [item.text for _, item in valid])) if valid else None
+        before, self._built = self._built, asyncio.get_running_loop().create_future()
+        return asyncio.ensure_future(self._complete(valid, inferred, sends, model, before, self._built))
 
-        results: list[np.ndarray | Exception] = []
-        if valid:
-            started = time.perf_counter()
-            results = await self._predict(model, [item.text for _, item in valid])
-            metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+    async def _complete(self, valid: list[tuple[Incoming, TextIn]], inferred: asyncio.Future | None,
+                        sends: list[Awaitable], model: ServingModel, before: asyncio.Future | None,
+                        built: asyncio.Future) -> None:
+        """Wait for the batch's probabilities, queue its records (after the batch
+        before queued its own), then wait until the broker stored them all."""
+        try:
+            results = await inferred if inferred is not None else []
+            if before is not None:
+                await asyncio.shield(before)
+            answered = self._records(valid, results, model, sends)
+        finally:
+            built.set_result(None)  # also on failure: the next batch must not wait forever (it is never acked)
+        await self._stored(sends, answered, model)
 
-        latencies: list[float] = []
+    def _records(self, valid: list[tuple[Incoming, TextIn]], results: list[np.ndarray | Exception],
+                 model: ServingModel, sends: list[Awaitable]) -> list[tuple[str, float, float]]:
+        """Queue the batch's labels.out / teacher.requests / dead-letter records on
+        ``sends``; returns (label, confidence, input ts) of every answer (drift, latency)."""
+        answered: list[tuple[str, float, float]] = []
         for (msg, item), probs in zip(valid, results, strict=True):
             if isinstance(probs, Exception):
                 error = f"{type(probs).__name__}: {probs}"
@@ -144,8 +166,7 @@ class Classifier:
             sends.append(send(self.topics.labels_out, item.id, out.dumps()))
             metrics.TEXTS_CLASSIFIED.labels(answer.label, model.version).inc()
             metrics.CONFIDENCE.observe(answer.confidence)
-            answered.append((answer.label, answer.confidence))
-            latencies.append(msg.ts)
+            answered.append((answer.label, answer.confidence, msg.ts))
             if answer.needs_review:
                 metrics.LOW_CONFIDENCE.labels(model.version).inc()
                 request = TeacherRequest(
@@ -154,20 +175,27 @@ class Classifier:
                     ts=msg.ts, extra=item.extra,
                 )
                 sends.append(send(self.topics.teacher_requests, item.id, request.dumps()))
-        # The broker has every record of the batch once this resolves; only then
-        # may the caller ack the batch's events.
-        return asyncio.ensure_future(self._stored(sends, latencies, answered, model))
+        return answered
 
-    async def _stored(self, sends: list[Awaitable], latencies: list[float], answered: list[tuple[str, float]],
+    async def _stored(self, sends: list[Awaitable], answered: list[tuple[str, float, float]],
                       model: ServingModel) -> None:
         await asyncio.gather(*sends)
         now = time.time()
-        for ts in latencies:
+        for _, _, ts in answered:
             if ts:
                 metrics.END_TO_END.labels("student").observe(max(0.0, now - ts))
         if self.drift is not None and answered:  # Redis is written only when an alarm is raised
-            labels, confidences = zip(*answered)
+            labels, confidences, _ = zip(*answered)
             await self.drift.after_batch(labels, confidences, version=model.version)
+
+
+def _timed(predict, texts: list[str], size: int) -> np.ndarray:
+    """predict(texts, size), timed on the inference thread (the time a batch
+    waits in the queue behind the one before is not inference)."""
+    started = time.perf_counter()
+    probs = predict(texts, size)
+    metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+    return probs
 
 
 settings = load_settings()

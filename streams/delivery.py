@@ -14,9 +14,11 @@ leave a hole below the committed offset that only a restart fills.
 
 Pipelining (the classifier): a handler may return, instead of None, an
 awaitable that resolves once the broker has acknowledged the batch's records.
-The next batch is then taken and handled (its inference runs) while those
-acknowledgements arrive; batches are still acked strictly in order, each only
-after its records are stored, and at most two are unacknowledged at a time.
+The next batch is then taken and handled while that one completes; batches are
+still acked strictly in order, each only after its records are stored, and at
+most two are unacknowledged at a time. The classifier's handler returns as soon
+as the batch's inference is queued, so batch k+1 is inferred while batch k's
+records are built and stored.
 """
 
 from __future__ import annotations

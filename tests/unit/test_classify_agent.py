@@ -40,3 +40,86 @@ def test_a_model_that_fails_on_every_text_stops_the_batch(classifier):
         asyncio.run(worker._predict(model, ["boom 1", "boom 2"]))
     # a batch of one failing text is that text's fault: dead-lettered, not fatal
     assert isinstance(asyncio.run(worker._predict(model, ["boom"]))[0], ValueError)
+
+
+# --- pipelining: batch k+1 is inferred while batch k's records are built and stored ---
+
+
+class GatedStudent:
+    """Blocks each predict_proba call until the test opens its gate; logs the calls."""
+
+    labels = ["a", "b"]
+
+    def __init__(self):
+        import threading
+
+        self.calls: list[list[str]] = []
+        self.gates: list[threading.Event] = [threading.Event() for _ in range(4)]
+
+    def predict_proba(self, texts, batch_size=64):
+        self.calls.append(list(texts))
+        assert self.gates[len(self.calls) - 1].wait(10), "the test never opened this gate"
+        if any("boom" in t for t in texts):
+            raise ValueError("cannot tokenise")
+        return np.tile(np.array([[0.9, 0.1]], dtype=np.float32), (len(texts), 1))
+
+
+def _batch(*ids):
+    from streams.delivery import Incoming
+
+    return [Incoming("texts.in", 0, i, 1.0, b'{"id": "%s", "text": "text %s"}' % (k.encode(), k.encode()))
+            for i, k in enumerate(ids)]
+
+
+def test_the_next_batch_is_queued_for_inference_before_this_one_is_answered(classifier, monkeypatch):
+    import streams.classify
+
+    worker, _ = classifier
+    student = GatedStudent()
+    worker.model = ServingModel(student, "v1", None)
+    sent: list[str] = []
+
+    async def send(topic, key, value):
+        sent.append(key)
+
+    monkeypatch.setattr(streams.classify, "send", send)
+
+    async def run():
+        first = await worker.handle(_batch("1a", "1b"))  # returns with batch 1 queued, not inferred
+        second = await worker.handle(_batch("2a"))
+        await asyncio.sleep(0.05)
+        assert student.calls == [["text 1a", "text 1b"]] and not first.done() and sent == []
+        student.gates[0].set()  # batch 1 inferred: its records go out; batch 2 is already in the thread
+        await first
+        assert sent == ["1a", "1b"] and student.calls[1] == ["text 2a"] and not second.done()
+        student.gates[1].set()
+        await second
+        assert sent == ["1a", "1b", "2a"]
+
+    asyncio.run(run())
+
+
+def test_a_failed_batch_fails_its_future_and_the_next_batch_goes_on(classifier, monkeypatch):
+    import streams.classify
+
+    worker, _ = classifier
+    student = GatedStudent()
+    worker.model = ServingModel(student, "v1", None)
+    sent: list[str] = []
+
+    async def send(topic, key, value):
+        sent.append(key)
+
+    monkeypatch.setattr(streams.classify, "send", send)
+    for gate in student.gates:
+        gate.set()
+
+    async def run():
+        failed = await worker.handle(_batch("boom1", "boom2"))  # fails as a batch, then text by text
+        after = await worker.handle(_batch("3a"))
+        with pytest.raises(RuntimeError, match="inference fails on every text"):
+            await failed
+        await asyncio.wait_for(after, 5)  # never acked past the failure (run_batches), but it does not hang
+        assert sent == ["3a"]
+
+    asyncio.run(run())
