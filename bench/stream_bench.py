@@ -137,13 +137,13 @@ def raw_limit(student: Student, texts: list[str]) -> dict:
 async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
     model_dir = Path(args.model) if args.model else probe_model_dir()
     texts = list(banking("test").texts)
-    settings = {"inference_quantize": args.quantize, "torch_threads": args.threads, "batch_size": args.batch_size,
-                "inference_batch_size": args.inference_batch_size, "batch_within_s": args.within}
+    settings = {"inference_quantize": args.quantize, "inference_graph": args.graph, "torch_threads": args.threads,
+                "batch_size": args.batch_size, "inference_batch_size": args.inference_batch_size, "batch_within_s": args.within}
     run_id = uuid.uuid4().hex[:8]
     env = StreamEnv.make(bootstrap, redis_url, lambda stem: f"{stem}-bench-{run_id}", workdir, model_dir, **settings)
     topic = env.topics["texts_in"]
     torch.set_num_threads(args.threads)
-    student = Student.load(model_dir, device="cpu").optimize_for_inference(args.quantize)
+    student = Student.load(model_dir, device="cpu").optimize_for_inference(args.quantize, args.graph)
     raw_texts = texts[: args.raw_texts]
     student.predict_proba(raw_texts[:64], 32)  # warm-up
 
@@ -221,7 +221,8 @@ def markdown(res: dict) -> str:
     lines = [
         machine_line(res, "the broker (JVM), the worker and this process share the two cores"),
         (f"One classify worker (`pgkd worker classify`), model {res['model']} (MiniLM-L6, trained head, max length "
-         f"64), PGKD_INFERENCE_QUANTIZE={s['inference_quantize']}, PGKD_TORCH_THREADS={s['torch_threads']}, "
+         f"64), PGKD_INFERENCE_QUANTIZE={s['inference_quantize']}, "
+         f"PGKD_INFERENCE_GRAPH={s.get('inference_graph', 'eager')}, PGKD_TORCH_THREADS={s['torch_threads']}, "
          f"PGKD_BATCH_SIZE={s['batch_size']}, PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, "
          f"PGKD_BATCH_WITHIN_S={s['batch_within_s']}, 4 partitions, acks=all, Kafka and Redis from deploy/local "
          "on loopback."),
