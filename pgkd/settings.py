@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         128, ge=1, description="messages per classifier batch (stream.take n); a bigger batch sorts by length "
         "better (64: 13% more CPU per text than 128 under a backlog, docs/BENCHMARKS.md)"
     )
+    inference_lanes: int = Field(
+        1, ge=1, le=2, description="batches inferred at once, each on its own thread with PGKD_TORCH_THREADS torch "
+        "threads (the traced graph runs without the GIL); records still go out in batch order. 2 on a 2-core CPU: "
+        "~1.5x the sustained rate, but a worse tail at moderate load (docs/BENCHMARKS.md); at most two batches are "
+        "in flight, so more lanes would idle"
+    )
     inference_batch_size: int = Field(
         16, ge=1, description="texts per forward pass: a batch is sorted by length and run in passes of this many "
         "(less padding; 16 measured best on a CPU, docs/BENCHMARKS.md)"

@@ -45,8 +45,8 @@ class Classifier:
         self.topics = topics
         self.routing = Routing.from_settings(settings)
         self.model: ServingModel | None = None
-        # one thread: batches are sequential; torch parallelises inside a batch (PGKD_TORCH_THREADS)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-inference")
+        # PGKD_INFERENCE_LANES threads, one batch each; torch parallelises inside a batch (PGKD_TORCH_THREADS)
+        self._executor = ThreadPoolExecutor(max_workers=settings.inference_lanes, thread_name_prefix="pgkd-inference")
         self.drift = DriftWatch.from_settings(settings)  # None when PGKD_DRIFT_ENABLED=false
         self._built: asyncio.Future | None = None  # resolved once the latest batch queued its records
 
@@ -112,8 +112,9 @@ class Classifier:
         returns, so run_batches takes and queues the next batch while this one
         is inferred, and builds this one's records while the next is inferred:
         the inference thread never waits for the event loop (it runs a traced
-        graph without the GIL, PGKD_INFERENCE_GRAPH). Records are built batch
-        after batch, in the order the batches came. Bad records become dead
+        graph without the GIL, PGKD_INFERENCE_GRAPH). With PGKD_INFERENCE_LANES=2
+        two batches are inferred at once. Records are built batch after batch,
+        in the order the batches came, whichever finished inference first. Bad records become dead
         letters; the batch goes on."""
         model = self.model
         assert model is not None, "start() loads the model before the first batch"

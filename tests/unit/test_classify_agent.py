@@ -123,3 +123,51 @@ def test_a_failed_batch_fails_its_future_and_the_next_batch_goes_on(classifier, 
         assert sent == ["3a"]
 
     asyncio.run(run())
+
+
+def test_two_lanes_infer_two_batches_at_once_and_answer_in_batch_order(monkeypatch, tmp_path):
+    import threading
+
+    import streams.classify
+
+    monkeypatch.setenv("PGKD_SERVE_MODEL", str(tmp_path))
+    monkeypatch.setenv("PGKD_FAUST_DATADIR", str(tmp_path / "faust"))
+    monkeypatch.setenv("PGKD_INFERENCE_LANES", "2")
+    from pgkd.settings import load_settings
+
+    worker = streams.classify.Classifier(load_settings(), streams.classify.topics)
+    gates = {"text 1a": threading.Event(), "text 2a": threading.Event()}
+    inside: set[str] = set()
+
+    class Student:
+        labels = ["a", "b"]
+
+        def predict_proba(self, texts, batch_size=64):
+            inside.add(texts[0])
+            assert gates[texts[0]].wait(10)
+            return np.tile(np.array([[0.9, 0.1]], dtype=np.float32), (len(texts), 1))
+
+    worker.model = ServingModel(Student(), "v1", None)
+    sent: list[str] = []
+
+    async def send(topic, key, value):
+        sent.append(key)
+
+    monkeypatch.setattr(streams.classify, "send", send)
+
+    async def run():
+        first = await worker.handle(_batch("1a", "1b"))
+        second = await worker.handle(_batch("2a"))
+        for _ in range(100):
+            if len(inside) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert inside == {"text 1a", "text 2a"}  # both batches in inference at once
+        gates["text 2a"].set()  # the second batch finishes first ...
+        await asyncio.sleep(0.1)
+        assert sent == [] and not second.done()  # ... but its records wait for the first batch's
+        gates["text 1a"].set()
+        await asyncio.gather(first, second)
+        assert sent == ["1a", "1b", "2a"]
+
+    asyncio.run(run())
