@@ -147,7 +147,8 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
     model_dir = Path(args.model) if args.model else probe_model_dir()
     texts = list(banking("test").texts)
     settings = {"inference_quantize": args.quantize, "inference_graph": args.graph, "torch_threads": args.threads,
-                "batch_size": args.batch_size, "inference_batch_size": args.inference_batch_size, "batch_within_s": args.within}
+                "batch_size": args.batch_size, "inference_batch_size": args.inference_batch_size, "batch_within_s": args.within,
+                "inference_lanes": args.lanes}
     run_id = uuid.uuid4().hex[:8]
     env = StreamEnv.make(bootstrap, redis_url, lambda stem: f"{stem}-hotswap-{run_id}", workdir, model_dir,
                          model_store=workdir / "models", model_poll_s=0, **settings)
@@ -273,7 +274,8 @@ def markdown(res: dict) -> str:
          f"PGKD_MODEL_POLL_S=0: announcements only), PGKD_INFERENCE_QUANTIZE={s['inference_quantize']}, "
          f"PGKD_INFERENCE_GRAPH={s.get('inference_graph', 'eager')}, "
          f"PGKD_TORCH_THREADS={s['torch_threads']}, PGKD_BATCH_SIZE={s['batch_size']}, "
-         f"PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, PGKD_BATCH_WITHIN_S={s['batch_within_s']}. "
+         f"PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, "
+         f"PGKD_INFERENCE_LANES={s.get('inference_lanes', 1)}, PGKD_BATCH_WITHIN_S={s['batch_within_s']}. "
          f"Versions {res['versions'][0]} = {res['model']} (MiniLM-L6, trained head) and {res['versions'][1]} = the "
          f"same with its head perturbed (noise {a['noise']} x the weights' std), promoted in turn "
          f"{len(res['promotions'])} times, {a['quiet']:.0f} s apart, by Registry.promote + the model.updates "

@@ -9,8 +9,10 @@ at the end, also on Ctrl-C.
 1. sustained throughput: a backlog of --messages texts is produced as fast as
    possible; the rate is the labels.out records that arrive after the producer
    finished, over the time until the last one. Alternated --rounds times with
-   the raw limit: Student.predict_proba in this process, same weights, same
-   torch threads, the best of a few batch sizes, while the worker idles.
+   the raw limit: Student.predict_proba in this process over the same texts
+   (sorted by length all at once, which no stream can do), same weights, same
+   torch threads and lanes (--lanes 2: two threads, each with half the texts),
+   the best of a few batch sizes, while the worker idles.
 2. latency at 25%, 50% and 90% of the sustained rate (median of the rounds): a
    paced producer (one send per 1/rate s, linger 0) for --seconds each; latency
    = the time a labels.out record reaches this process's consumer minus the
@@ -34,6 +36,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +125,19 @@ def worker_counters(worker) -> dict[str, float]:
     return {k: m.get(k, 0.0) for k in keys}
 
 
-def raw_limit(student: Student, texts: list[str]) -> dict:
-    """predict_proba texts/s at each of RAW_BATCHES; the best is the limit."""
+def raw_limit(student: Student, texts: list[str], lanes: int = 1) -> dict:
+    """predict_proba texts/s at each of RAW_BATCHES; the best is the limit. With
+    ``lanes`` > 1, as many threads each classify their share of the texts at once
+    (the worker's PGKD_INFERENCE_LANES)."""
     rates, per_cpu = {}, {}
+    pool = ThreadPoolExecutor(lanes) if lanes > 1 else None
     for bs in RAW_BATCHES:
         started, cpu = time.perf_counter(), time.process_time()  # the event loop is blocked: all CPU is inference
-        student.predict_proba(texts, bs)
+        if pool is None:
+            student.predict_proba(texts, bs)
+        else:
+            shares = [texts[i::lanes] for i in range(lanes)]
+            list(pool.map(lambda share, bs=bs: student.predict_proba(share, bs), shares))
         rates[bs] = len(texts) / (time.perf_counter() - started)
         per_cpu[bs] = len(texts) / (time.process_time() - cpu)
     best = max(rates, key=rates.get)
@@ -138,13 +148,15 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
     model_dir = Path(args.model) if args.model else probe_model_dir()
     texts = list(banking("test").texts)
     settings = {"inference_quantize": args.quantize, "inference_graph": args.graph, "torch_threads": args.threads,
-                "batch_size": args.batch_size, "inference_batch_size": args.inference_batch_size, "batch_within_s": args.within}
+                "batch_size": args.batch_size, "inference_batch_size": args.inference_batch_size, "batch_within_s": args.within,
+                "inference_lanes": args.lanes}
     run_id = uuid.uuid4().hex[:8]
     env = StreamEnv.make(bootstrap, redis_url, lambda stem: f"{stem}-bench-{run_id}", workdir, model_dir, **settings)
     topic = env.topics["texts_in"]
     torch.set_num_threads(args.threads)
     student = Student.load(model_dir, device="cpu").optimize_for_inference(args.quantize, args.graph)
-    raw_texts = texts[: args.raw_texts]
+    # the same texts as a sustained round (messages() cycles through texts), unless --raw-texts says otherwise
+    raw_texts = [texts[i % len(texts)] for i in range(args.raw_texts or args.messages)]
     student.predict_proba(raw_texts[:64], 32)  # warm-up
 
     worker = env.start("classify")
@@ -161,7 +173,7 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         spy = start_py_spy(worker.proc.pid, args.profile) if args.profile else None
         pids = {"worker": worker.proc.pid, "this process": os.getpid(), **broker_pid()}
         for r in range(args.rounds):
-            raws.append(raw_limit(student, raw_texts))
+            raws.append(raw_limit(student, raw_texts, args.lanes))
             before, cpu = worker_counters(worker), {k: cpu_seconds(p) for k, p in pids.items()}
             threads_before = thread_cpu_seconds(worker.proc.pid)
             started = time.monotonic()
@@ -184,7 +196,7 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
             print(f"  round {r + 1}/{args.rounds}: raw {raws[-1]['texts_s']:.0f}/s (batch {raws[-1]['batch']}), "
                   f"stream {x['texts_s']:.0f}/s, mean batch {x['mean_batch']:.1f}, worker inference "
                   f"{x['worker_inference_texts_s']:.0f}/s, cores {json.dumps(x['cores_used'])}", flush=True)
-        raws.append(raw_limit(student, raw_texts))  # raw brackets every stream round
+        raws.append(raw_limit(student, raw_texts, args.lanes))  # raw brackets every stream round
         raw_s = summary([x["texts_s"] for x in raws])
         stream_s = summary([x["texts_s"] for x in streams])
         pairs = [s["texts_s"] / ((a["texts_s"] + b["texts_s"]) / 2) for s, a, b in zip(streams, raws, raws[1:])]
@@ -224,13 +236,16 @@ def markdown(res: dict) -> str:
          f"64), PGKD_INFERENCE_QUANTIZE={s['inference_quantize']}, "
          f"PGKD_INFERENCE_GRAPH={s.get('inference_graph', 'eager')}, PGKD_TORCH_THREADS={s['torch_threads']}, "
          f"PGKD_BATCH_SIZE={s['batch_size']}, PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, "
+         f"PGKD_INFERENCE_LANES={s.get('inference_lanes', 1)}, "
          f"PGKD_BATCH_WITHIN_S={s['batch_within_s']}, 4 partitions, acks=all, Kafka and Redis from deploy/local "
          "on loopback."),
         "",
         "| measure | texts/s, median (min-max) |",
         "|---|---|",
-        (f"| raw limit: predict_proba in the bench process, best of batch {', '.join(map(str, RAW_BATCHES))} "
-         f"({a['raw_texts']} texts, {len(res['raw'])} runs bracketing the stream rounds) | {fmt(res['raw_summary'])} |"),
+        (f"| raw limit: predict_proba in the bench process ({s.get('inference_lanes', 1)} lane(s)), best of batch "
+         f"{', '.join(map(str, RAW_BATCHES))} "
+         f"({a['raw_texts'] or a['messages']} texts, {'the same as a sustained round, ' if not a['raw_texts'] else ''}"
+         f"sorted by length at once; {len(res['raw'])} runs bracketing the stream rounds) | {fmt(res['raw_summary'])} |"),
         (f"| sustained end to end: a backlog of {a['messages']} texts ({a['rounds']} rounds) | "
          f"{fmt(res['stream_summary'])} |"),
         (f"| the worker's own inference rate meanwhile (texts / seconds inside predict_proba) | "
@@ -266,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--messages", type=int, default=3000, help="backlog per sustained round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--raw-texts", type=int, default=512)
+    p.add_argument("--raw-texts", type=int, default=0,
+                   help="texts for the raw limit (default 0: the texts of a sustained round, --messages of them)")
     p.add_argument("--fractions", type=lambda v: [float(x) for x in v.split(",") if x], default=[0.25, 0.5, 0.9])
     p.add_argument("--seconds", type=float, default=20.0, help="duration of each paced rate")
     worker_args(p, "torch threads of the worker and of the raw limit")
