@@ -218,12 +218,15 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         await producer.stop()
         env.stop_all()
     dlq = sum(v for k, v in metrics.items() if k.startswith("pgkd_dlq_total"))
+    gc_pauses = {g: {"count": metrics.get(f'pgkd_gc_pause_seconds_count{{generation="{g}"}}', 0.0),
+                     "seconds": metrics.get(f'pgkd_gc_pause_seconds_sum{{generation="{g}"}}', 0.0)} for g in "012"}
     raw_cpu = summary([x["texts_per_cpu_s"] for x in raws])
     stream_cpu = summary([x["texts_per_worker_cpu_s"] for x in streams])
     return {"settings": settings, "model": model_dir.name, "raw": raws, "stream": streams, "raw_summary": raw_s,
             "stream_summary": stream_s, "ratio_of_medians": stream_s["median"] / raw_s["median"],
             "ratio_per_round": pairs, "raw_per_cpu_summary": raw_cpu, "stream_per_cpu_summary": stream_cpu,
-            "ratio_per_cpu": stream_cpu["median"] / raw_cpu["median"], "latency_ms": latency, "dead_letters": dlq}
+            "ratio_per_cpu": stream_cpu["median"] / raw_cpu["median"], "latency_ms": latency, "dead_letters": dlq,
+            "gc_pauses": gc_pauses}
 
 
 def markdown(res: dict) -> str:
@@ -274,6 +277,10 @@ def markdown(res: dict) -> str:
                      f"{x['p99']:.0f} | {x['max']:.0f} | {x['mean_batch']:.1f}, {x['ms_between_batches']:.0f}, "
                      f"{x['inference_ms_per_batch']:.0f} |")
     lines += ["", f"Dead letters during the run: {res['dead_letters']:.0f}."]
+    if "gc_pauses" in res:
+        lines[-1] += " The worker's garbage collections over the whole run (count, ms in total): " + ", ".join(
+            f"generation {g} {x['count']:.0f}, {1000 * x['seconds']:.0f}" for g, x in res["gc_pauses"].items())
+        lines[-1] += "."
     return "\n".join(lines)
 
 

@@ -7,7 +7,9 @@ ids or texts.
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
@@ -80,8 +82,26 @@ DLQ = Counter("pgkd_dlq", "Records sent to texts.dlq", ["reason", "stage"])
 REDIS_ERRORS = Counter("pgkd_redis_errors", "Redis operations that failed (the worker went on)", ["op"])
 
 
+# --- the Python process ----------------------------------------------------------
+GC_PAUSE = Histogram(
+    "pgkd_gc_pause_seconds", "Cyclic garbage collections: time each held the GIL", ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+_gc_started: list[float] = []
+
+
+def _time_gc(phase: str, info: dict) -> None:
+    if phase == "start":
+        _gc_started[:] = [time.perf_counter()]
+    elif _gc_started:
+        GC_PAUSE.labels(str(info.get("generation", "?"))).observe(time.perf_counter() - _gc_started.pop())
+
+
 def start_metrics_server(host: str, port: int) -> int:
-    """Serve /metrics on host:port (0 = a free port); returns the port and logs it."""
+    """Serve /metrics on host:port (0 = a free port); returns the port and logs it.
+    Also starts timing the process's garbage collections (pgkd_gc_pause_seconds)."""
+    if _time_gc not in gc.callbacks:
+        gc.callbacks.append(_time_gc)
     server, _thread = start_http_server(port, addr=host)
     bound = server.server_port
     log.info("metrics on http://%s:%d/metrics", host, bound)

@@ -47,3 +47,19 @@ def test_every_exported_metric_is_documented_with_its_type_and_labels():
     for name, (kind, labels) in exported.items():
         assert documented[name][0] == kind, f"{name} is a {kind}"
         assert labels <= documented[name][1], f"{name}: labels {labels} vs documented {documented[name][1]}"
+
+
+def test_garbage_collections_are_timed_once_the_metrics_server_runs():
+    import gc
+
+    from streams import metrics
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("pgkd_gc_pause_seconds_count", {"generation": "2"}) or 0.0
+
+    before = count()
+    port = metrics.start_metrics_server("127.0.0.1", 0)
+    metrics.start_metrics_server("127.0.0.1", 0)  # a second server does not time every collection twice
+    gc.collect()
+    assert port > 0 and count() == before + 1
+    assert REGISTRY.get_sample_value("pgkd_gc_pause_seconds_sum", {"generation": "2"}) > 0
