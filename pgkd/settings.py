@@ -191,6 +191,10 @@ class Settings(BaseSettings):
         30.0, ge=0, description="classify workers also compare their version with the registry's current one this "
         "often, in case an announcement on model.updates was missed (0 = announcements only)"
     )
+    keep_previous_model: bool = Field(
+        True, description="classify workers keep the version a hot swap replaced in memory (one more model's RAM: "
+        "~100 MB for int8 MiniLM-L6), so that swapping back to it, a rollback, needs no load"
+    )
     curator_batch_size: int = Field(
         200, ge=1, description="accepted teacher-labelled samples that close a batch (-> one retrain request)"
     )

@@ -61,15 +61,16 @@ class Classifier:
         model = await loop.run_in_executor(self._executor, load_serving_model, self.settings)
         self.swap(model)
 
-    def swap(self, model: ServingModel) -> None:
+    def swap(self, model: ServingModel) -> ServingModel | None:
         """Serve ``model`` (loaded and warmed) from the next batch on; a batch in
-        flight finishes with the model it started with."""
+        flight finishes with the model it started with. Returns the model it replaced."""
         old, self.model = self.model, model
         if old is not None:
             metrics.MODEL_INFO.remove(old.version)
         metrics.MODEL_INFO.labels(model.version).set(1)
         if self.drift is not None:
             self.drift.reset(model)  # compare with this version's reference from now on
+        return old
 
     async def _predict(self, model: ServingModel, texts: list[str]) -> list[np.ndarray | Exception]:
         """Probabilities per text, off the event loop. If the batch fails, each

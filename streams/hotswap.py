@@ -8,7 +8,9 @@ registry's current version at start). On an announcement, and every
 ``PGKD_MODEL_POLL_S`` seconds in case one was missed, it reads the pointer in
 Redis (the truth; the record's version only when Redis does not answer), loads
 and warms that version on its own thread while batches go on with the old
-model, and hands it to ``swap`` between batches. That thread runs at a lower
+model, and hands it to ``swap`` between batches. The version it replaced stays in
+memory (``PGKD_KEEP_PREVIOUS_MODEL``): swapping back to it, a rollback, loads
+nothing. That thread runs at a lower
 CPU priority (:data:`LOAD_NICE`): on cores it shares with inference, the load
 takes longer instead of slowing the batches in flight (docs/BENCHMARKS.md,
 hot swap).
@@ -124,7 +126,8 @@ class ModelWatcher:
     Args:
         settings: the worker's settings (Kafka, Redis, model store, topic).
         served: the version the worker serves now (None until its first model is loaded).
-        swap: installs a loaded, warmed model; called on the event loop, between batches.
+        swap: installs a loaded, warmed model; called on the event loop, between batches;
+            returns the model it replaced (kept for a rollback), or None.
         loader: ``(settings, version) -> ServingModel`` (tests pass a fake).
     """
 
@@ -132,7 +135,7 @@ class ModelWatcher:
         self,
         settings: Settings,
         served: Callable[[], str | None],
-        swap: Callable[[ServingModel], None],
+        swap: Callable[[ServingModel], ServingModel | None],
         loader: Callable[[Settings, str], ServingModel] = load_version,
     ):
         self.settings = settings
@@ -145,6 +148,8 @@ class ModelWatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-model-load",
                                             initializer=lower_thread_priority)
         self._registry = Registry.from_settings(settings)
+        # the version the last swap replaced (PGKD_KEEP_PREVIOUS_MODEL): a rollback to it is one assignment
+        self._standby: ServingModel | None = None
 
     async def run_forever(self) -> None:
         """:meth:`run`, restarted after a failure (the broker away, a bug): the
@@ -218,21 +223,28 @@ class ModelWatcher:
             return False
         if why == "poll" and target in self.refused:
             return False  # refused before; retried when it is announced again
-        log.info("loading %s (%s; serving %s)", target, why, self.served())
         started = time.perf_counter()
-        try:
-            model = await loop.run_in_executor(self._executor, self._load_and_warm, target)
-        except (ModelError, RegistryError, OSError, RuntimeError, ValueError) as err:
-            reason = failure_reason(err)
-            metrics.MODEL_LOAD_FAILURES.labels(reason).inc()
-            self.refused.add(target)
-            log.error("refused model %s (%s): %s; still serving %s", target, reason, err, self.served())
-            return False
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.version == target:
+            model, how = standby, "kept in memory"  # verified and warmed when it was loaded
+        else:
+            del standby  # not the target: let it go before loading another
+            log.info("loading %s (%s; serving %s)", target, why, self.served())
+            try:
+                model = await loop.run_in_executor(self._executor, self._load_and_warm, target)
+            except (ModelError, RegistryError, OSError, RuntimeError, ValueError) as err:
+                reason = failure_reason(err)
+                metrics.MODEL_LOAD_FAILURES.labels(reason).inc()
+                self.refused.add(target)
+                log.error("refused model %s (%s): %s; still serving %s", target, reason, err, self.served())
+                return False
+            how = "loaded and warmed"
         self.refused.discard(target)
         previous = self.served()
-        self.swap(model)
-        log.info("swapped %s -> %s (loaded and warmed in %.1fs)", previous, model.version,
-                 time.perf_counter() - started)
+        replaced = self.swap(model)
+        if self.settings.keep_previous_model and isinstance(replaced, ServingModel):
+            self._standby = replaced
+        log.info("swapped %s -> %s (%s in %.1fs)", previous, model.version, how, time.perf_counter() - started)
         return True
 
     def _load_and_warm(self, version: str) -> ServingModel:

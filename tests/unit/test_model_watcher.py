@@ -212,3 +212,47 @@ def test_malformed_updates_are_skipped_and_the_watcher_follows_on(monkeypatch):
     after = {reason: metrics.MODEL_UPDATES_SKIPPED.labels(reason)._value.get() - skipped[reason]
              for reason in SKIP_REASONS}
     assert after == {"not_json": 5, "not_object": 1, "bad_version": 3}
+
+
+# --- the previous version kept in memory (PGKD_KEEP_PREVIOUS_MODEL) -----------------------
+
+
+def _watcher_that_keeps(keep: bool):
+    served: list[ServingModel] = [ServingModel(FakeStudent(), "v0001", None)]
+    loads: list[str] = []
+
+    def loader(settings, version):
+        loads.append(version)
+        return ServingModel(FakeStudent(), version, None)
+
+    def swap(model):  # what Classifier.swap does: install, return the one replaced
+        served.append(model)
+        return served[-2]
+
+    watcher = ModelWatcher(Settings(keep_previous_model=keep), lambda: served[-1].version, swap, loader=loader)
+    return watcher, served, loads
+
+
+def test_a_rollback_to_the_version_just_replaced_loads_nothing():
+    watcher, served, loads = _watcher_that_keeps(True)
+    first = served[0]
+    watcher._registry = FakeRegistry("v0002")
+    assert asyncio.run(watcher.reconcile("announced")) is True
+    watcher._registry = FakeRegistry("v0001")  # pgkd models rollback
+    assert asyncio.run(watcher.reconcile("announced")) is True
+    assert loads == ["v0002"] and served[-1] is first  # the very model object that served before
+    watcher._registry = FakeRegistry("v0003")  # a third version: v0002 (kept) is not it, so it is loaded
+    assert asyncio.run(watcher.reconcile("announced")) is True
+    assert loads == ["v0002", "v0003"]
+    assert watcher._standby is first  # only the version just replaced is kept
+    watcher._registry = FakeRegistry("v0002")  # two back: no longer in memory
+    assert asyncio.run(watcher.reconcile("announced")) is True
+    assert loads == ["v0002", "v0003", "v0002"]
+
+
+def test_without_keep_previous_model_a_rollback_loads_again():
+    watcher, served, loads = _watcher_that_keeps(False)
+    for version in ("v0002", "v0001"):
+        watcher._registry = FakeRegistry(version)
+        assert asyncio.run(watcher.reconcile("announced")) is True
+    assert loads == ["v0002", "v0001"] and watcher._standby is None
