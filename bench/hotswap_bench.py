@@ -2,14 +2,16 @@
 
 Starts its own Kafka and Redis (deploy/local, free loopback ports) unless
 --bootstrap/--redis are given, a model registry (a model store in a temporary
-directory + the pointer in Redis) holding two versions of the same
-architecture: A, the trained-head MiniLM of the streaming tests, and B, the
-same model with its head perturbed (so its answers differ). One classify worker
+directory + the pointer in Redis) holding versions of the same architecture:
+A, the trained-head MiniLM of the streaming tests, and new versions, the same
+model with its head perturbed (so their answers differ). One classify worker
 (streaming_support.StreamEnv, ``pgkd worker classify``) serves A. A paced
 producer sends texts at a fixed rate (half of what the worker sustains, found
-by a backlog first); meanwhile A and B are promoted in turn, --promotions
-times, each after --quiet seconds, the way ``pgkd models promote`` does it
-(Registry.promote, then the announcement on model.updates).
+by a backlog first); meanwhile a new version and a rollback to A are promoted
+in turn, --promotions times, each after --quiet seconds, the way
+``pgkd models promote`` does it (Registry.promote, then the announcement on
+model.updates). A new version is loaded; a rollback finds A kept in memory
+(PGKD_KEEP_PREVIOUS_MODEL).
 
 Measured, over the paced traffic only:
 
@@ -22,8 +24,8 @@ Measured, over the paced traffic only:
   outside every window;
 - zero lost (every produced id answered by the student) and zero duplicated
   (each id answered once);
-- the swap's own time (load, verify, quantize and warm up the new version: the
-  worker's "swapped ... in N s" log line) and the worker's inference time per
+- the swap's own time (load, verify, quantize, trace and warm up a new version,
+  or take the one kept in memory: the worker's "swapped ... in N s" log line) and the worker's inference time per
   batch inside the windows vs outside (its /metrics).
 
     python bench/hotswap_bench.py                  # ~3 min on 2 busy cores
@@ -63,7 +65,7 @@ from pgkd.registry import Registry
 from pgkd.settings import Settings
 from streams.announce import aannounce_model_update
 
-SWAPPED = re.compile(r"swapped (v\d+) -> (v\d+) \(loaded and warmed in ([\d.]+)s\)")
+SWAPPED = re.compile(r"swapped (v\d+) -> (v\d+) \((loaded and warmed|kept in memory) in ([\d.]+)s\)")
 STAMPED = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\].*?(loading v\d+|swapped v\d+ -> v\d+)", re.MULTILINE)
 
 
@@ -73,21 +75,25 @@ def log_events(log: str) -> list[tuple[float, str]]:
             for m in STAMPED.finditer(log)]
 
 
-def publish_ab(registry: Registry, model_dir: Path, noise: float, seed: int = 0) -> tuple[str, str]:
-    """Version A = the model as it is; B = the same with Gaussian noise of ``noise``
-    x the head's weight std added to its head (same architecture, other answers)."""
+def publish_versions(registry: Registry, model_dir: Path, noise: float, new: int) -> list[str]:
+    """Version A = the model as it is, then ``new`` versions: A with Gaussian noise
+    of ``noise`` x the head's weight std added to its head, one seed each (same
+    architecture, other answers)."""
     import torch
 
     from pgkd.student import Student
 
     student = Student.load(model_dir, device="cpu")
-    a = registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={"bench": "hotswap A"})
+    versions = [registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={"bench": "hotswap A"})]
     head = student.model.classifier
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        head.weight += noise * head.weight.std() * torch.randn(head.weight.shape, generator=generator)
-    b = registry.publish(student, parent=a, round=1, data={}, metrics={}, settings={"bench": "hotswap B"})
-    return a, b
+    weight = head.weight.detach().clone()
+    for seed in range(new):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            head.weight.copy_(weight + noise * weight.std() * torch.randn(weight.shape, generator=generator))
+        versions.append(registry.publish(student, parent=versions[0], round=seed + 1, data={}, metrics={},
+                                         settings={"bench": f"hotswap new {seed}"}))
+    return versions
 
 
 def inference_counters(worker) -> tuple[float, float]:
@@ -154,7 +160,8 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
                          model_store=workdir / "models", model_poll_s=0, **settings)
     worker_settings = Settings(**{k.removeprefix("PGKD_").lower(): v for k, v in env.env.items()})
     registry = Registry(workdir / "models", redis_url, namespace=env.env["PGKD_APP_ID_PREFIX"])
-    version_a, version_b = publish_ab(registry, model_dir, args.noise)
+    versions = publish_versions(registry, model_dir, args.noise, (args.promotions + 1) // 2)
+    version_a = versions[0]
     registry.promote(version_a, reason="bench: start")
     topic = env.topics["texts_in"]
 
@@ -183,7 +190,8 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         quiet_from = inference_counters(worker)
         await asyncio.sleep(args.quiet)
         for i in range(args.promotions):
-            target = version_b if i % 2 == 0 else version_a
+            # a new version, then a rollback to A (the one it replaced), in turn
+            kind, target = ("new", versions[1 + i // 2]) if i % 2 == 0 else ("rollback", version_a)
             before = inference_counters(worker)
             quiet_counters.append((before[0] - quiet_from[0], before[1] - quiet_from[1]))
             t0 = time.time()
@@ -194,10 +202,10 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
             stamp, arrived = await first_answer_of(outputs, target, t0, timeout_s=120)
             await asyncio.sleep(args.margin)
             after = inference_counters(worker)
-            promotions.append({"version": target, "t0": t0, "announced_s": announced - t0,
+            promotions.append({"version": target, "kind": kind, "t0": t0, "announced_s": announced - t0,
                                "first_answer_stamp_s": stamp - t0, "first_answer_arrival_s": arrived - t0,
                                "window_inference": (after[0] - before[0], after[1] - before[1])})
-            print(f"  promotion {i + 1}/{args.promotions}: {target}, first answer {stamp - t0:.2f}s after the "
+            print(f"  promotion {i + 1}/{args.promotions}: {target} ({kind}), first answer {stamp - t0:.2f}s after the "
                   "promote call", flush=True)
             quiet_from = inference_counters(worker)
             await asyncio.sleep(args.quiet)
@@ -220,7 +228,8 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
 
     paced = [(arrived, stamp, out) for arrived, stamp, out in outputs.records if out["id"].startswith("h-")]
     answers = Counter(out["id"] for _, _, out in paced)
-    swaps = [{"from": m.group(1), "to": m.group(2), "seconds": float(m.group(3))} for m in SWAPPED.finditer(log)]
+    swaps = [{"from": m.group(1), "to": m.group(2), "how": m.group(3), "seconds": float(m.group(4))}
+             for m in SWAPPED.finditer(log)]
     events = log_events(log)
     for p in promotions:  # when the worker started loading and swapped, relative to the promote call
         p["worker_log_s"] = {}
@@ -242,7 +251,7 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         return 1000 * pair[0] / max(pair[1], 1)
 
     return {
-        "settings": settings, "model": model_dir.name, "versions": [version_a, version_b], "rate": rate,
+        "settings": settings, "model": model_dir.name, "versions": versions, "rate": rate,
         "sustained": sustained, "traffic_s": time.time() - traffic_start, "sent": sent,
         "answered": len(answers), "lost": sum(1 for i in ids if i not in answers),
         "duplicated": sum(1 for n in answers.values() if n > 1), "stale_after_swap": stale,
@@ -260,10 +269,16 @@ def markdown(res: dict) -> str:
     rows = []
     for i, p in enumerate(res["promotions"]):
         swap = res["swaps"][i]["seconds"] if i < len(res["swaps"]) else float("nan")
-        rows.append(f"| {i + 1} | {p['version']} | {1000 * p['announced_s']:.0f} | {swap:.1f} | "
+        how = res["swaps"][i].get("how", "?") if i < len(res["swaps"]) else "?"
+        rows.append(f"| {i + 1} | {p['version']} ({p.get('kind', 'new')}: {how}) | {1000 * p['announced_s']:.0f} | {swap:.1f} | "
                     f"{p['first_answer_stamp_s']:.2f} | {1000 * st['longest_in_window'][i]:.0f} | "
                     f"{1000 * ar['longest_in_window'][i]:.0f} | {res['inference_ms_per_batch']['in_windows'][i]:.0f} |")
     worst_st, worst_ar = max(st["longest_in_window"]), max(ar["longest_in_window"])
+    by_kind = {}
+    for kind in ("new", "rollback"):
+        idx = [i for i, p in enumerate(res["promotions"]) if p.get("kind", "new") == kind]
+        if idx:
+            by_kind[kind] = max(st["longest_in_window"][i] for i in idx)
     quiet_ms = summary(res["inference_ms_per_batch"]["quiet"])
     swap_s = summary([x["seconds"] for x in res["swaps"]]) if res["swaps"] else None
     sustained = f" (half of the {res['sustained']:.0f}/s the worker sustained on a backlog just before)" \
@@ -276,14 +291,15 @@ def markdown(res: dict) -> str:
          f"PGKD_TORCH_THREADS={s['torch_threads']}, PGKD_BATCH_SIZE={s['batch_size']}, "
          f"PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, "
          f"PGKD_INFERENCE_LANES={s.get('inference_lanes', 1)}, PGKD_BATCH_WITHIN_S={s['batch_within_s']}. "
-         f"Versions {res['versions'][0]} = {res['model']} (MiniLM-L6, trained head) and {res['versions'][1]} = the "
-         f"same with its head perturbed (noise {a['noise']} x the weights' std), promoted in turn "
-         f"{len(res['promotions'])} times, {a['quiet']:.0f} s apart, by Registry.promote + the model.updates "
+         f"Version {res['versions'][0]} = {res['model']} (MiniLM-L6, trained head); "
+         f"{', '.join(res['versions'][1:])} = the same with its head perturbed (noise {a['noise']} x the weights' "
+         f"std, one seed each). {len(res['promotions'])} promotions, {a['quiet']:.0f} s apart: a new version, then a "
+         f"rollback to {res['versions'][0]}, in turn, by Registry.promote + the model.updates "
          f"announcement (what `pgkd models promote` runs). Paced traffic: {res['rate']:.0f} msg/s{sustained}, "
          f"{res['sent']} messages over {res['traffic_s']:.0f} s."),
         "",
         ("Per promotion: the announcement's time (promote call to the broker's ack), the worker's swap (load, "
-         "checksums, int8, warm-up, on its load thread), when the first answer of the new version was sent, the "
+         "checksums, int8, trace, warm-up, on its load thread; or the previous version kept in memory), when the first answer of the new version was sent, the "
          f"longest gap between consecutive answers from the promote call to that answer + {a['margin']:.0f} s "
          "(by Kafka timestamp and by arrival here), and the worker's mean inference time per batch meanwhile:"),
         "",
@@ -302,11 +318,13 @@ def markdown(res: dict) -> str:
          f"**{worst_ar / ar['p99_outside']:.2f}x** |"),
         (f"| longest during / normal max | {worst_st / st['max_outside']:.2f}x | "
          f"{worst_ar / ar['max_outside']:.2f}x |"),
+        *(f"| {kind}: longest during / normal p99 (Kafka ts) | {x / st['p99_outside']:.2f}x | |"
+          for kind, x in by_kind.items()),
         "",
         (f"Answers: {res['sent']} sent, {res['answered']} answered by the student, **{res['lost']} lost, "
          f"{res['duplicated']} duplicated**; answers of the old version after the first of the new: "
          f"{res['stale_after_swap']}; dead letters {res['dead_letters']:.0f}, refused versions "
-         f"{res['load_failures']:.0f}. Swap (load + verify + int8 + warm-up) "
+         f"{res['load_failures']:.0f}. Swap (load + verify + int8 + trace + warm-up, or the version kept in memory) "
          + (f"{fmt(swap_s, 1)} s" if swap_s else "not found in the log")
          + f"; inference per batch outside the windows {fmt(quiet_ms)} ms."),
     ]
@@ -321,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, help="msg/s (default: --fraction of the rate sustained on a backlog)")
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--calibrate", type=int, default=1500, help="backlog that measures the sustained rate")
-    p.add_argument("--noise", type=float, default=0.5, help="version B's head perturbation")
+    p.add_argument("--noise", type=float, default=0.5, help="the new versions' head perturbation")
     p.add_argument("--linger", type=float, default=3.0, help="seconds to wait for late duplicates")
     worker_args(p)
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
