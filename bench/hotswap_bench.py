@@ -21,7 +21,8 @@ Measured, over the paced traffic only:
 - per promotion, the window from the promote call to the first answer that
   carries the new version plus --margin seconds; the longest gap that overlaps
   the window, against the normal gap: median, p99 and max of the gaps wholly
-  outside every window;
+  outside every window; and, as a control, the longest gap in windows of the
+  same lengths 5 s before each promotion, when nothing is swapped;
 - zero lost (every produced id answered by the student) and zero duplicated
   (each id answered once);
 - the swap's own time (load, verify, quantize, trace and warm up a new version,
@@ -130,6 +131,9 @@ async def first_answer_of(outputs: Outputs, version: str, after: float, timeout_
     raise TimeoutError(f"no answer from {version} within {timeout_s}s of its promotion")
 
 
+CONTROL_SHIFT_S = 5.0  # control windows: each promotion window this much earlier (--quiet must exceed it)
+
+
 def gaps(times: list[float], windows: list[tuple[float, float]]) -> dict:
     """Gaps between consecutive times (sorted), split into those that overlap a
     window (per window: the longest) and those wholly outside every window."""
@@ -144,9 +148,15 @@ def gaps(times: list[float], windows: list[tuple[float, float]]) -> dict:
         longest.append(float(d[hit].max()) if hit.any() else float("nan"))
         at.append(float(starts[hit][d[hit].argmax()] - w0) if hit.any() else float("nan"))
     outside = d[~inside]
+    # control: the same windows moved 5 s earlier, into the quiet traffic before each promotion; their
+    # longest gap is what a window of that length shows when nothing is swapped
+    control = []
+    for w0, w1 in windows:
+        hit = (ends > w0 - CONTROL_SHIFT_S) & (starts < w1 - CONTROL_SHIFT_S)
+        control.append(float(d[hit].max()) if hit.any() else float("nan"))
     return {"longest_starts_after_s": at, "n_outside": len(outside), "median_outside": float(np.median(outside)),
             "p99_outside": float(np.percentile(outside, 99)), "max_outside": float(outside.max()),
-            "longest_in_window": longest}
+            "longest_in_window": longest, "longest_in_control": control}
 
 
 async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
@@ -320,6 +330,10 @@ def markdown(res: dict) -> str:
          f"{worst_ar / ar['max_outside']:.2f}x |"),
         *(f"| {kind}: longest during / normal p99 (Kafka ts) | {x / st['p99_outside']:.2f}x | |"
           for kind, x in by_kind.items()),
+        *([f"| control: the same windows {CONTROL_SHIFT_S:.0f} s earlier, no swap: longest gap per window, ms "
+           f"(Kafka ts) | {', '.join(f'{1000 * x:.0f}' for x in st['longest_in_control'])} | |",
+           f"| control: longest / normal p99 | {max(st['longest_in_control']) / st['p99_outside']:.2f}x | |"]
+          if "longest_in_control" in st else []),
         "",
         (f"Answers: {res['sent']} sent, {res['answered']} answered by the student, **{res['lost']} lost, "
          f"{res['duplicated']} duplicated**; answers of the old version after the first of the new: "
