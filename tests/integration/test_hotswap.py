@@ -1,6 +1,6 @@
 """Hot swap on the real broker and Redis: classifier workers follow the
 registry's current version through ``model.updates`` (promotions and a
-rollback by ``pgkd models``), and refuse a version whose files were tampered with.
+rollback by ``pgkd models``, which finds the previous version in memory), and refuse a version whose files were tampered with.
 
 The models are tiny random encoders (what is served does not matter here, only
 which version answered)."""
@@ -127,7 +127,10 @@ def test_two_promotions_and_a_rollback_under_load(registry_env, tiny_student):
     assert {r["model_version"] for _, r in records if r["id"] in set(tail)} == {v2}
     for w in workers:  # each worker of the group saw every announcement
         assert metric_sum(w.metrics(), "pgkd_model_info", model_version=v2) == 1
-        assert "swapped" in w.tail(10**7)
+        log = w.tail(10**7)
+        assert f"swapped {v1} -> {v2} (loaded and warmed" in log and f"swapped {v2} -> {v3} (loaded and warmed" in log
+        # the rollback found v2 in memory (PGKD_KEEP_PREVIOUS_MODEL): nothing was loaded for it
+        assert f"swapped {v3} -> {v2} (kept in memory" in log and log.count(f"loading {v2} ") == 1
 
 
 def test_tampered_version_is_refused_and_the_old_one_keeps_serving(registry_env, tiny_student):

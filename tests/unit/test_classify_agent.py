@@ -71,18 +71,28 @@ def _batch(*ids):
             for i, k in enumerate(ids)]
 
 
-def test_the_next_batch_is_queued_for_inference_before_this_one_is_answered(classifier, monkeypatch):
+def _record_sends(monkeypatch) -> list[str]:
+    """Replace the classifier's send() by one that records the keys; returns that list."""
     import streams.classify
 
-    worker, _ = classifier
-    student = GatedStudent()
-    worker.model = ServingModel(student, "v1", None)
     sent: list[str] = []
 
     async def send(topic, key, value):
         sent.append(key)
 
     monkeypatch.setattr(streams.classify, "send", send)
+    return sent
+
+
+def _gated(classifier, monkeypatch):
+    worker, _ = classifier
+    student = GatedStudent()
+    worker.model = ServingModel(student, "v1", None)
+    return worker, student, _record_sends(monkeypatch)
+
+
+def test_the_next_batch_is_queued_for_inference_before_this_one_is_answered(classifier, monkeypatch):
+    worker, student, sent = _gated(classifier, monkeypatch)
 
     async def run():
         first = await worker.handle(_batch("1a", "1b"))  # returns with batch 1 queued, not inferred
@@ -100,17 +110,7 @@ def test_the_next_batch_is_queued_for_inference_before_this_one_is_answered(clas
 
 
 def test_a_failed_batch_fails_its_future_and_the_next_batch_goes_on(classifier, monkeypatch):
-    import streams.classify
-
-    worker, _ = classifier
-    student = GatedStudent()
-    worker.model = ServingModel(student, "v1", None)
-    sent: list[str] = []
-
-    async def send(topic, key, value):
-        sent.append(key)
-
-    monkeypatch.setattr(streams.classify, "send", send)
+    worker, student, sent = _gated(classifier, monkeypatch)
     for gate in student.gates:
         gate.set()
 
@@ -148,12 +148,7 @@ def test_two_lanes_infer_two_batches_at_once_and_answer_in_batch_order(monkeypat
             return np.tile(np.array([[0.9, 0.1]], dtype=np.float32), (len(texts), 1))
 
     worker.model = ServingModel(Student(), "v1", None)
-    sent: list[str] = []
-
-    async def send(topic, key, value):
-        sent.append(key)
-
-    monkeypatch.setattr(streams.classify, "send", send)
+    sent = _record_sends(monkeypatch)
 
     async def run():
         first = await worker.handle(_batch("1a", "1b"))
