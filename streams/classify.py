@@ -48,7 +48,7 @@ class Classifier:
         # PGKD_INFERENCE_LANES threads, one batch each; torch parallelises inside a batch (PGKD_TORCH_THREADS)
         self._executor = ThreadPoolExecutor(max_workers=settings.inference_lanes, thread_name_prefix="pgkd-inference")
         self.drift = DriftWatch.from_settings(settings)  # None when PGKD_DRIFT_ENABLED=false
-        self._built: asyncio.Future | None = None  # resolved once the latest batch queued its records
+        self._queued: asyncio.Future | None = None  # resolved once the latest batch queued its records
 
     async def start(self) -> None:
         if self.model is not None:  # the agent restarts on rebalances; the model stays
@@ -114,9 +114,9 @@ class Classifier:
         is inferred, and builds this one's records while the next is inferred:
         the inference thread never waits for the event loop (it runs a traced
         graph without the GIL, PGKD_INFERENCE_GRAPH). With PGKD_INFERENCE_LANES=2
-        two batches are inferred at once. Records are built batch after batch,
-        in the order the batches came, whichever finished inference first. Bad records become dead
-        letters; the batch goes on."""
+        two batches are inferred at once. Records are queued batch after batch,
+        in the order the batches came, whichever finished inference first. Bad
+        records become dead letters; the batch goes on."""
         model = self.model
         assert model is not None, "start() loads the model before the first batch"
         metrics.BATCH_SIZE.observe(len(batch))
@@ -131,12 +131,12 @@ class Classifier:
             else:
                 valid.append((msg, parsed))
         inferred = asyncio.ensure_future(self._predict(model, [item.text for _, item in valid])) if valid else None
-        before, self._built = self._built, asyncio.get_running_loop().create_future()
-        return asyncio.ensure_future(self._complete(valid, inferred, sends, model, before, self._built))
+        before, self._queued = self._queued, asyncio.get_running_loop().create_future()
+        return asyncio.ensure_future(self._complete(valid, inferred, sends, model, before, self._queued))
 
     async def _complete(self, valid: list[tuple[Incoming, TextIn]], inferred: asyncio.Future | None,
                         sends: list[Awaitable], model: ServingModel, before: asyncio.Future | None,
-                        built: asyncio.Future) -> None:
+                        queued: asyncio.Future) -> None:
         """Wait for the batch's probabilities, queue its records (after the batch
         before queued its own), then wait until the broker stored them all."""
         try:
@@ -144,9 +144,10 @@ class Classifier:
             if before is not None:
                 await asyncio.shield(before)
             answered = self._records(valid, results, model, sends)
+            stored = asyncio.gather(*sends)  # each send is a task from here on, queued in this order
         finally:
-            built.set_result(None)  # also on failure: the next batch must not wait forever (it is never acked)
-        await self._stored(sends, answered, model)
+            queued.set_result(None)  # also on failure: the next batch must not wait forever (it is never acked)
+        await self._stored(stored, answered, model)
 
     def _records(self, valid: list[tuple[Incoming, TextIn]], results: list[np.ndarray | Exception],
                  model: ServingModel, sends: list[Awaitable]) -> list[tuple[str, float, float]]:
@@ -179,9 +180,9 @@ class Classifier:
                 sends.append(send(self.topics.teacher_requests, item.id, request.dumps()))
         return answered
 
-    async def _stored(self, sends: list[Awaitable], answered: list[tuple[str, float, float]],
+    async def _stored(self, stored: Awaitable, answered: list[tuple[str, float, float]],
                       model: ServingModel) -> None:
-        await asyncio.gather(*sends)
+        await stored
         now = time.time()
         for _, _, ts in answered:
             if ts:
