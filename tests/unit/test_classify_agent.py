@@ -3,6 +3,7 @@ cannot take is isolated (-> DLQ), a model that fails on everything stops the bat
 
 import asyncio
 import importlib
+import time
 
 import numpy as np
 import pytest
@@ -71,6 +72,13 @@ def _batch(*ids):
             for i, k in enumerate(ids)]
 
 
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    """Poll ``condition`` (set by the inference thread) until it holds or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def _record_sends(monkeypatch) -> list[str]:
     """Replace the classifier's send() by one that records the keys; returns that list."""
     import streams.classify
@@ -97,11 +105,13 @@ def test_the_next_batch_is_queued_for_inference_before_this_one_is_answered(clas
     async def run():
         first = await worker.handle(_batch("1a", "1b"))  # returns with batch 1 queued, not inferred
         second = await worker.handle(_batch("2a"))
-        await asyncio.sleep(0.05)
+        await _until(lambda: student.calls)
         assert student.calls == [["text 1a", "text 1b"]] and not first.done() and sent == []
         student.gates[0].set()  # batch 1 inferred: its records go out; batch 2 is already in the thread
         await first
-        assert sent == ["1a", "1b"] and student.calls[1] == ["text 2a"] and not second.done()
+        assert sent == ["1a", "1b"] and not second.done()
+        await _until(lambda: len(student.calls) == 2)  # the inference thread takes batch 2 once batch 1 is done
+        assert student.calls[1] == ["text 2a"] and not second.done()
         student.gates[1].set()
         await second
         assert sent == ["1a", "1b", "2a"]
@@ -153,10 +163,7 @@ def test_two_lanes_infer_two_batches_at_once_and_answer_in_batch_order(monkeypat
     async def run():
         first = await worker.handle(_batch("1a", "1b"))
         second = await worker.handle(_batch("2a"))
-        for _ in range(100):
-            if len(inside) == 2:
-                break
-            await asyncio.sleep(0.02)
+        await _until(lambda: len(inside) == 2)
         assert inside == {"text 1a", "text 2a"}  # both batches in inference at once
         gates["text 2a"].set()  # the second batch finishes first ...
         await asyncio.sleep(0.1)
