@@ -130,16 +130,16 @@ def raw_limit(student: Student, texts: list[str], lanes: int = 1) -> dict:
     ``lanes`` > 1, as many threads each classify their share of the texts at once
     (the worker's PGKD_INFERENCE_LANES)."""
     rates, per_cpu = {}, {}
-    pool = ThreadPoolExecutor(lanes) if lanes > 1 else None
-    for bs in RAW_BATCHES:
-        started, cpu = time.perf_counter(), time.process_time()  # the event loop is blocked: all CPU is inference
-        if pool is None:
-            student.predict_proba(texts, bs)
-        else:
-            shares = [texts[i::lanes] for i in range(lanes)]
-            list(pool.map(lambda share, bs=bs: student.predict_proba(share, bs), shares))
-        rates[bs] = len(texts) / (time.perf_counter() - started)
-        per_cpu[bs] = len(texts) / (time.process_time() - cpu)
+    shares = [texts[i::lanes] for i in range(lanes)]
+    with ThreadPoolExecutor(lanes) as pool:
+        for bs in RAW_BATCHES:
+            started, cpu = time.perf_counter(), time.process_time()  # the event loop is blocked: all CPU is inference
+            if lanes == 1:
+                student.predict_proba(texts, bs)
+            else:
+                list(pool.map(lambda share, bs=bs: student.predict_proba(share, bs), shares))
+            rates[bs] = len(texts) / (time.perf_counter() - started)
+            per_cpu[bs] = len(texts) / (time.process_time() - cpu)
     best = max(rates, key=rates.get)
     return {"texts_s": rates[best], "batch": best, "texts_per_cpu_s": per_cpu[best], "by_batch": rates}
 

@@ -107,8 +107,7 @@ def prepare(student: Student, settings: Settings) -> Student:
     faithfully is served eager: logged, with the reason."""
     from pgkd.inference_opt import TraceError
 
-    student.optimize_for_inference(settings.inference_quantize)
-    try:
+    try:  # quantizes first: a refused trace leaves the student quantized and eager
         student.optimize_for_inference(settings.inference_quantize, settings.inference_graph)
     except TraceError as err:
         log.warning("PGKD_INFERENCE_GRAPH=%s refused for this model (%s); serving it eager", settings.inference_graph,
