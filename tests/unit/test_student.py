@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pgkd.errors import ModelError
-from pgkd.inference_opt import Int8Linear, TraceError, quantize_linear_layers, trace_forward
+from pgkd.inference_opt import Int8Linear, TraceError, cpu_has_vnni, quantize_linear_layers, trace_forward
 from pgkd.student import Student, default_encoder_path
 
 LABELS = ["neg", "neu", "pos"]
@@ -169,6 +169,10 @@ def test_quantize_mode_is_validated(student):
 
 @pytest.mark.parametrize("full_range", [True, False])
 def test_int8_linear_matches_fp32_within_quantization_error(full_range):
+    if full_range and not cpu_has_vnni():
+        # what 7-bit inputs are for: AVX2 kernels sum pairs of 8-bit products in int16, which
+        # saturates (errors of ~30% of the output range here); quantize_linear_layers picks 7 bits
+        pytest.skip("8-bit inputs saturate without VNNI; this CPU gets 7-bit inputs (full_range=False)")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8, bias=False))
     x = torch.randn(5, 7, 64)  # (batch, tokens, features), as in an encoder
@@ -211,7 +215,7 @@ def test_a_traced_student_only_serves(student, tmp_path):
         student.optimize_for_inference("fp32", "eager")
     with pytest.raises(ModelError, match="^quantize before tracing"):
         student.optimize_for_inference("int8", "torchscript")
-    with pytest.raises(ValueError, match="^graph must be one of eager, torchscript, got 'onnx'$"):
+    with pytest.raises(ValueError, match="^graph must be one of eager, torchscript, onnxruntime, got 'onnx'$"):
         student.optimize_for_inference("fp32", "onnx")
 
 
