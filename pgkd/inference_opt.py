@@ -130,7 +130,11 @@ TRACE_CHECKS = (
 TRACE_TOLERANCE = 1e-4  # max |logit difference|, relative to the largest |logit|
 
 
-class TraceError(Exception):
+class GraphError(Exception):
+    """The forward pass cannot be served as the graph asked for (PGKD_INFERENCE_GRAPH); another serves."""
+
+
+class TraceError(GraphError):
     """The forward pass cannot be served as a TorchScript graph (the eager model serves)."""
 
 
@@ -155,6 +159,21 @@ class TracedForward:
         return self.graph(*(encoding[name] for name in self.names))
 
 
+def check_graph(model: torch.nn.Module, forward, encode, tolerance: float, error: type[GraphError],
+                what: str) -> None:
+    """Raise ``error`` unless ``forward(encoding)``'s logits are within ``tolerance`` x
+    their scale of the eager model's on the probe batches (:data:`TRACE_EXAMPLE`,
+    padded; :data:`TRACE_CHECKS`: unpadded, other sizes and lengths)."""
+    with torch.inference_mode():
+        for texts in (TRACE_EXAMPLE, *TRACE_CHECKS):
+            encoding = encode(list(texts))
+            eager, got = model(**encoding).logits, forward(encoding)
+            scale = max(1.0, float(eager.abs().max()))
+            diff = float((eager - got).abs().max()) if eager.shape == got.shape else float("inf")
+            if not diff <= tolerance * scale:  # NaN fails too
+                raise error(f"{what}'s logits differ from the model's by {diff:.3g} on a batch of {len(texts)}")
+
+
 def trace_forward(model: torch.nn.Module, encode) -> TracedForward:
     """Trace ``model`` (in eval mode, weights frozen) on padded example batches
     from ``encode(texts) -> encoding``; TraceError when tracing fails or the graph's
@@ -172,13 +191,5 @@ def trace_forward(model: torch.nn.Module, encode) -> TracedForward:
     except Exception as err:  # noqa: BLE001 - whatever torch.jit raises, the eager model serves
         raise TraceError(f"torch.jit.trace failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
     traced = TracedForward(graph, names)
-    with torch.inference_mode():
-        for texts in (TRACE_EXAMPLE, *TRACE_CHECKS):
-            encoding = encode(list(texts))
-            eager, got = model(**encoding).logits, traced(encoding)
-            scale = max(1.0, float(eager.abs().max()))
-            diff = float((eager - got).abs().max()) if eager.shape == got.shape else float("inf")
-            if not diff <= TRACE_TOLERANCE * scale:
-                raise TraceError(f"the traced graph's logits differ from the model's by {diff:.3g} on a batch of "
-                                 f"{len(texts)}; serving the eager model")
+    check_graph(model, traced, encode, TRACE_TOLERANCE, TraceError, "the traced graph")
     return traced

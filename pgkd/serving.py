@@ -102,16 +102,23 @@ def load_version(settings: Settings, version: str) -> ServingModel:
 
 
 def prepare(student: Student, settings: Settings) -> Student:
-    """Quantize and trace ``student`` for serving as the settings ask
-    (PGKD_INFERENCE_QUANTIZE, PGKD_INFERENCE_GRAPH). A model that does not trace
-    faithfully is served eager: logged, with the reason."""
-    from pgkd.inference_opt import TraceError
+    """Quantize and compile ``student`` for serving as the settings ask
+    (PGKD_INFERENCE_QUANTIZE, PGKD_INFERENCE_GRAPH). A graph that cannot be built
+    faithfully falls back, logged with the reason: onnxruntime -> torchscript ->
+    eager."""
+    from pgkd.inference_opt import GraphError
 
+    graph = settings.inference_graph
+    if graph == "onnxruntime":
+        try:
+            return student.optimize_for_inference(settings.inference_quantize, graph)
+        except GraphError as err:  # the student is unchanged
+            log.warning("PGKD_INFERENCE_GRAPH=onnxruntime refused for this model (%s); serving torchscript", err)
+            graph = "torchscript"
     try:  # quantizes first: a refused trace leaves the student quantized and eager
-        student.optimize_for_inference(settings.inference_quantize, settings.inference_graph)
-    except TraceError as err:
-        log.warning("PGKD_INFERENCE_GRAPH=%s refused for this model (%s); serving it eager", settings.inference_graph,
-                    err)
+        student.optimize_for_inference(settings.inference_quantize, graph)
+    except GraphError as err:
+        log.warning("PGKD_INFERENCE_GRAPH=%s refused for this model (%s); serving it eager", graph, err)
     return student
 
 

@@ -73,10 +73,12 @@ class Settings(BaseSettings):
         "fp32", description="served weights: fp32 as trained, or int8 (the Linear layers of every encoder layer but "
         "the last dynamically quantized: ~1.5x CPU throughput, accuracy within 0.5 points on Banking77; CPU only)"
     )
-    inference_graph: Literal["eager", "torchscript"] = Field(
+    inference_graph: Literal["eager", "torchscript", "onnxruntime"] = Field(
         "torchscript", description="the served forward pass: torchscript (traced once per loaded version and checked "
         "against eager: the same logits, less Python, the GIL released while it runs; a model that does not trace "
-        "faithfully is served eager, with a warning) or eager (transformers' Python forward)"
+        "faithfully is served eager, with a warning), onnxruntime (exported to ONNX once per loaded version, checked "
+        "against eager, run by ONNX Runtime; with int8 ONNX Runtime quantizes, with full 8-bit inputs also on CPUs "
+        "without VNNI; falls back to torchscript) or eager (transformers' Python forward)"
     )
 
     # --- classifier agent -----------------------------------------------------

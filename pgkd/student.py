@@ -34,7 +34,7 @@ SHARDED_INDEX = "model.safetensors.index.json"  # what save_pretrained writes fo
 # torch.save / pickle formats (pytorch_model.bin, training_args.bin, *.pt, ...): never in a directory we load
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 QUANTIZE_MODES = ("fp32", "int8")  # Student.optimize_for_inference / PGKD_INFERENCE_QUANTIZE
-GRAPH_MODES = ("eager", "torchscript")  # Student.optimize_for_inference / PGKD_INFERENCE_GRAPH
+GRAPH_MODES = ("eager", "torchscript", "onnxruntime")  # Student.optimize_for_inference / PGKD_INFERENCE_GRAPH
 
 
 def default_encoder_path() -> Path:
@@ -62,8 +62,8 @@ class Student:
         self.labels: list[str] = list(labels)  # index -> label name
         self.max_length = max_length
         self.quantize = "fp32"  # set by optimize_for_inference(); an int8 student only serves
-        self.graph = "eager"  # "torchscript" after optimize_for_inference(graph=...); a traced student only serves
-        self._traced = None  # pgkd.inference_opt.TracedForward when graph == "torchscript"
+        self.graph = "eager"  # another after optimize_for_inference(graph=...): such a student only serves
+        self._forward = None  # TracedForward (torchscript) or OnnxForward (onnxruntime): encoding -> logits
         self.device = torch.device("cpu")
         if device is not None:
             self.to(device)
@@ -158,6 +158,9 @@ class Student:
     def clone(self) -> Student:
         """An independent copy of the weights (the tokenizer is shared: it is never changed)."""
         twin = Student(copy.deepcopy(self.model), self.tokenizer, self.labels, self.max_length, self.device)
+        if self.graph == "onnxruntime":  # the session holds its own weights and runs thread-safe: share it
+            twin.quantize, twin.graph, twin._forward = self.quantize, self.graph, self._forward
+            return twin
         twin.quantize = self.quantize
         if self.graph != "eager":  # a graph records its module's weights: trace the copy's own
             twin.optimize_for_inference(self.quantize, self.graph)
@@ -187,12 +190,21 @@ class Student:
         cannot be traced faithfully this raises
         :class:`pgkd.inference_opt.TraceError` and the student stays eager.
 
+        ``graph="onnxruntime"`` exports the eager fp32 model to ONNX and runs it
+        on ONNX Runtime (:func:`pgkd.inference_onnx.export_forward`); with
+        ``quantize="int8"`` ONNX Runtime quantizes the same layers instead of
+        torch (full 8-bit inputs also without VNNI). The torch model keeps its
+        fp32 weights. :class:`pgkd.inference_onnx.OnnxError` when the export is
+        not faithful or ONNX Runtime is missing; the student is then unchanged.
+
         An optimized student can no longer be trained or saved, nor (traced)
         moved: serve a copy, keep the fp32 one for training."""
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
         if graph not in GRAPH_MODES:
             raise ValueError(f"graph must be one of {', '.join(GRAPH_MODES)}, got {graph!r}")
+        if graph == "onnxruntime" and graph != self.graph:
+            return self._export_onnx(quantize)
         if quantize != self.quantize:
             if quantize == "fp32":  # the fp32 weights are gone
                 raise ModelError(f"a {self.quantize} student cannot go back to fp32; load the model again")
@@ -211,8 +223,20 @@ class Student:
             from pgkd.inference_opt import trace_forward
 
             self.model.eval()
-            self._traced = trace_forward(self.model, self.encode)
+            self._forward = trace_forward(self.model, self.encode)
             self.graph = graph
+        return self
+
+    def _export_onnx(self, quantize: str) -> Student:
+        if self.graph != "eager" or self.quantize != "fp32":
+            raise ModelError(f"export to ONNX from the eager fp32 model, not a {self.quantize} {self.graph} one")
+        if self.device.type != "cpu":
+            raise ModelError(f"the ONNX graph runs on the CPU only; this student is on {self.device}")
+        from pgkd.inference_onnx import export_forward
+
+        self.model.eval()
+        self._forward = export_forward(self.model, self.encode, quantize)
+        self.quantize, self.graph = quantize, "onnxruntime"
         return self
 
     def _check_trainable(self, what: str) -> None:
@@ -249,7 +273,7 @@ class Student:
                 for start in range(0, len(texts), batch_size):
                     idx = order[start : start + batch_size]
                     encoding = self.encode([texts[i] for i in idx])
-                    logits = self._traced(encoding) if self._traced else self.model(**encoding).logits  # (batch, C)
+                    logits = self._forward(encoding) if self._forward else self.model(**encoding).logits  # (batch, C)
                     out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         finally:
             if was_training:

@@ -53,3 +53,29 @@ def test_a_model_that_does_not_trace_is_served_eager(model_dir, tmp_path, monkey
     assert "PGKD_INFERENCE_GRAPH=torchscript refused for this model (the traced graph's logits differ" in caplog.text
     eager = load_serving_model(load_settings(**{**settings.model_dump(), "inference_graph": "eager"}))
     assert eager.student.graph == "eager"
+
+
+@pytest.mark.parametrize("quantize", ["fp32", "int8"])
+def test_the_onnxruntime_graph_serves_when_asked(model_dir, tmp_path, quantize):
+    settings = load_settings(serve_model=str(model_dir), model_store=tmp_path / "store", redis_timeout_s=0.5,
+                             redis_url=f"redis://127.0.0.1:{_closed_port()}/0", inference_quantize=quantize,
+                             inference_graph="onnxruntime")
+    served = load_serving_model(settings)
+    assert served.student.graph == "onnxruntime" and served.student.quantize == quantize
+    assert served.student.predict_proba(["hello"]).shape == (1, 3)
+
+
+def test_a_model_that_does_not_export_is_served_torchscript(model_dir, tmp_path, monkeypatch, caplog):
+    import pgkd.inference_onnx
+
+    def refuse(model, encode, quantize):
+        raise pgkd.inference_onnx.OnnxError("onnxruntime is not installed (pip install onnxruntime onnx)")
+
+    monkeypatch.setattr(pgkd.inference_onnx, "export_forward", refuse)
+    settings = load_settings(serve_model=str(model_dir), model_store=tmp_path / "store", redis_timeout_s=0.5,
+                             redis_url=f"redis://127.0.0.1:{_closed_port()}/0", inference_quantize="int8",
+                             inference_graph="onnxruntime")
+    served = load_serving_model(settings)
+    assert served.student.graph == "torchscript" and served.student.quantize == "int8"  # torch's int8 then
+    assert ("PGKD_INFERENCE_GRAPH=onnxruntime refused for this model (onnxruntime is not installed (pip install "
+            "onnxruntime onnx)); serving torchscript") in caplog.text

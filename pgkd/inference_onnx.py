@@ -1,0 +1,160 @@
+"""The forward pass on ONNX Runtime (``PGKD_INFERENCE_GRAPH=onnxruntime``).
+
+The eager fp32 model is exported to an ONNX graph (``torch.onnx.export``, the
+TorchScript-based exporter: it needs no ``onnxscript``), checked against the eager
+model on the same probe batches as the TorchScript trace (identical logits within
+1e-4 of their scale), and run by an ONNX Runtime session on the CPU. With
+``PGKD_INFERENCE_QUANTIZE=int8`` ONNX Runtime's dynamic quantization then turns
+the weight MatMuls of every encoder layer but the last into int8 ones (weights
+per output channel, inputs quantized per call with a scale and a zero point), the
+same layers :func:`pgkd.inference_opt.quantize_encoder` quantizes in torch.
+
+Why: torch's int8 kernels on a CPU without VNNI (AVX2 only) take 7-bit inputs,
+which cost a point of Banking77 accuracy; ONNX Runtime's int8 MatMuls take full
+8-bit inputs there too (docs/BENCHMARKS.md). The session releases the GIL while
+it runs, like the TorchScript graph, and its per-op overhead is lower, which
+counts at the small batches a lightly loaded stream makes.
+
+The graph is built in memory when a version is loaded (a few seconds of CPU: the
+export, then the quantizer); nothing is written to the model store, so the
+registry still holds safetensors only. A model that does not export faithfully,
+or a machine without ``onnxruntime``/``onnx``, raises :class:`OnnxError` and the
+worker serves the TorchScript graph instead (:func:`pgkd.serving.prepare`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from pgkd.inference_opt import TRACE_EXAMPLE, TRACE_TOLERANCE, GraphError, _Logits, check_graph
+
+OPSET = 17
+# int8 logits differ from fp32 by the quantization error (a few % of their scale on
+# MiniLM); this catches a broken graph (NaN, wrong inputs), not a point of accuracy,
+# which docs/BENCHMARKS.md measures on the whole test split
+INT8_TOLERANCE = 0.5
+LAYER_RE = re.compile(r"/encoder/layer\.(\d+)/")
+
+
+class OnnxError(GraphError):
+    """The forward pass cannot be served by ONNX Runtime (another graph serves)."""
+
+
+class OnnxForward:
+    """A sequence classifier's forward pass as an ONNX Runtime session: ``logits = forward(encoding)``.
+
+    ``run`` is thread-safe on one session, so lanes and clones share it."""
+
+    def __init__(self, session, names: Sequence[str]):
+        self.session, self.names = session, tuple(names)
+
+    def __call__(self, encoding: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        feeds = {name: encoding[name].cpu().numpy() for name in self.names}
+        return torch.from_numpy(self.session.run(None, feeds)[0])
+
+
+def export_forward(model: torch.nn.Module, encode, quantize: str = "fp32", threads: int | None = None) -> OnnxForward:
+    """``model`` (eager, fp32, eval mode, on the CPU) as an ONNX Runtime session,
+    int8 when ``quantize == "int8"``; OnnxError when it cannot be built or its
+    logits differ from the eager model's."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise OnnxError("onnxruntime is not installed (pip install onnxruntime onnx)") from None
+    example = encode(list(TRACE_EXAMPLE))
+    names = tuple(example.keys())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory(prefix="pgkd-onnx-") as tmp:
+        fp32_path = Path(tmp) / "model.onnx"
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
+                torch.onnx.export(  # eval(): the exporter restores the wrapper's mode, and a new Module trains
+                    _Logits(model, names).eval(), tuple(example[n] for n in names), str(fp32_path),
+                    input_names=list(names), output_names=["logits"], opset_version=OPSET, dynamo=False,
+                    dynamic_axes={**{n: {0: "batch", 1: "tokens"} for n in names}, "logits": {0: "batch"}},
+                )
+            forward = OnnxForward(ort.InferenceSession(str(fp32_path), options, providers=["CPUExecutionProvider"]),
+                                  names)
+        except Exception as err:  # noqa: BLE001 - whatever the exporter or the runtime raises, another graph serves
+            raise OnnxError(f"ONNX export failed: {type(err).__name__}: {_first_line(err)}") from None
+        check_graph(model, forward, encode, TRACE_TOLERANCE, OnnxError, "the fp32 ONNX graph")
+        if quantize == "int8":
+            int8_path = Path(tmp) / "model.int8.onnx"
+            quantize_onnx(fp32_path, int8_path, _layer_count(model))
+            forward = OnnxForward(ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"]),
+                                  names)
+            check_graph(model, forward, encode, INT8_TOLERANCE, OnnxError, "the int8 ONNX graph")
+    return forward
+
+
+def quantize_onnx(source: Path, target: Path, layers: int | None) -> int:
+    """ONNX Runtime dynamic int8 quantization of ``source``'s weight MatMuls in
+    encoder layers ``0 .. layers-2`` (every MatMul when ``layers`` is None: an
+    unknown layout); returns how many nodes were chosen."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    chosen = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or not any(name in weights for name in node.input):
+            continue
+        match = LAYER_RE.search(node.name)
+        if layers is None or (match and int(match.group(1)) < layers - 1):
+            chosen.append(node.name)
+    if not chosen:
+        raise OnnxError("no weight MatMul to quantize in the exported graph")
+    try:
+        with warnings.catch_warnings(), _without_preprocessing_advice():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                             nodes_to_quantize=chosen)
+    except Exception as err:  # noqa: BLE001
+        raise OnnxError(f"ONNX int8 quantization failed: {type(err).__name__}: {_first_line(err)}") from None
+    return len(chosen)
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice() -> Iterator[None]:
+    """Drop the quantizer's "consider pre-processing" warning (it goes to the root
+    logger on every call; shape inference, what it advises, changes nothing here)."""
+    root = logging.getLogger()
+    advice = _DropMessage("pre-processing before quantization")
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+def _layer_count(model: torch.nn.Module) -> int | None:
+    layers = getattr(getattr(getattr(model, "base_model", model), "encoder", None), "layer", None)
+    return len(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) > 1 else None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+

@@ -1,0 +1,122 @@
+"""PGKD_INFERENCE_GRAPH=onnxruntime: the exported graph gives the eager results,
+int8 quantizes the layers it should, and a graph that cannot be built is refused."""
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pgkd.errors import ModelError
+from pgkd.inference_onnx import LAYER_RE, OnnxError, export_forward, quantize_onnx
+from pgkd.student import Student
+
+LABELS = ["neg", "neu", "pos"]
+TEXTS = [
+    "short",
+    "a considerably longer text that needs many more tokens than the others do",
+    "mid length text here",
+    "x",
+    "another fairly long sentence, with punctuation; and more words",
+]
+
+
+@pytest.fixture
+def student(tiny_encoder_dir):
+    return Student.from_pretrained(tiny_encoder_dir, LABELS, max_length=32, device="cpu")
+
+
+def test_the_onnx_graph_gives_the_eager_results(student):
+    expected = {bs: student.predict_proba(TEXTS, bs) for bs in (1, 2, 5)}
+    served = student.clone().optimize_for_inference("fp32", "onnxruntime")
+    assert served.graph == "onnxruntime" and served.quantize == "fp32"
+    for batch_size, probs in expected.items():  # other batch sizes and lengths than the export's example
+        np.testing.assert_allclose(served.predict_proba(TEXTS, batch_size), probs, atol=1e-5)
+    long = ["word " * 100]  # truncated to max_length
+    np.testing.assert_allclose(served.predict_proba(long), student.predict_proba(long), atol=1e-5)
+    assert served.optimize_for_inference("fp32", "onnxruntime") is served  # idempotent
+
+
+def test_the_export_leaves_the_model_in_eval_mode(student):
+    # the exporter restores its wrapper's training mode; a wrapper left training would turn
+    # dropout on in the eager model (its logits then differ from call to call)
+    before = student.predict_proba(TEXTS)
+    student.optimize_for_inference("fp32", "onnxruntime")
+    assert not student.model.training
+    with torch.inference_mode():
+        eager = torch.softmax(student.model(**student.encode(TEXTS)).logits, -1).numpy()
+    np.testing.assert_allclose(eager, before, atol=1e-6)
+
+
+def test_int8_quantizes_the_weight_matmuls_of_every_layer_but_the_last(student, tmp_path):
+    source, target = tmp_path / "model.onnx", tmp_path / "model.int8.onnx"
+    example = student.encode(["a short probe", "a longer probe, padded against"])
+    names = tuple(example.keys())
+    from pgkd.inference_opt import _Logits
+
+    torch.onnx.export(_Logits(student.model, names).eval(), tuple(example[n] for n in names), str(source),
+                      input_names=list(names), output_names=["logits"], dynamo=False,
+                      dynamic_axes={n: {0: "b", 1: "t"} for n in names})
+    chosen = quantize_onnx(source, target, layers=2)
+    assert chosen == 6  # layer 0: query, key, value, attention output, intermediate, output
+    nodes = onnx.load(str(target)).graph.node
+    quantized_layers = {int(LAYER_RE.search(n.name).group(1)) for n in nodes
+                        if n.op_type == "MatMulInteger" and LAYER_RE.search(n.name)}
+    assert quantized_layers == {0}  # the last layer, the pooler and the head stay fp32
+    assert sum(n.op_type == "MatMul" for n in nodes) > 0
+
+
+def test_an_int8_onnx_student_stays_close_to_fp32(student):
+    fp32 = student.predict_proba(TEXTS, 2)
+    served = student.clone().optimize_for_inference("int8", "onnxruntime")
+    assert served.quantize == "int8" and served.graph == "onnxruntime"
+    assert np.abs(served.predict_proba(TEXTS, 2) - fp32).max() < 0.05
+    twin = served.clone()  # shares the session: nothing is exported again
+    assert twin._forward is served._forward
+    np.testing.assert_array_equal(twin.predict_proba(TEXTS, 2), served.predict_proba(TEXTS, 2))
+
+
+def test_an_onnx_student_only_serves(student, tmp_path):
+    student.optimize_for_inference("fp32", "onnxruntime")
+    with pytest.raises(ModelError, match="^a onnxruntime student cannot be saved; use the eager model"):
+        student.save(tmp_path / "o")
+    with pytest.raises(ModelError, match="^a onnxruntime student stays on cpu; load the model again for meta$"):
+        student.to("meta")
+    with pytest.raises(ModelError, match="^a onnxruntime student cannot go back to eager"):
+        student.optimize_for_inference("fp32", "eager")
+
+
+def test_only_an_eager_fp32_student_is_exported(student):
+    student.optimize_for_inference("int8")
+    with pytest.raises(ModelError, match="^export to ONNX from the eager fp32 model, not a int8 eager one$"):
+        student.optimize_for_inference("int8", "onnxruntime")
+    with pytest.raises(ValueError, match="^graph must be one of eager, torchscript, onnxruntime, got 'onnx'$"):
+        student.optimize_for_inference("int8", "onnx")
+
+
+class _BranchesOnShape(torch.nn.Module):
+    """A classifier whose forward takes a Python branch on its batch size: the
+    export records one branch only, so the check must refuse it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        out = self.model(**inputs)
+        if bool(inputs["input_ids"].shape[0] > 2):  # the export sees a batch of 2
+            out.logits = out.logits + 1.0
+        return out
+
+
+def test_a_model_that_does_not_export_faithfully_is_refused(student):
+    with pytest.raises(OnnxError, match="^the fp32 ONNX graph's logits differ from the model's by 1 on a batch of 3"):
+        export_forward(_BranchesOnShape(student.model).eval(), student.encode)
+
+
+def test_without_onnxruntime_the_export_is_refused(student, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
+    with pytest.raises(OnnxError, match=r"^onnxruntime is not installed \(pip install onnxruntime onnx\)$"):
+        student.optimize_for_inference("int8", "onnxruntime")
+    assert student.graph == "eager" and student.quantize == "fp32"  # unchanged: another graph can serve it
