@@ -109,12 +109,15 @@ class Classifier:
         broker stored every record the batch produced (run_batches acks the
         batch then).
 
-        The batch's inference is queued on the inference thread before this
-        returns, so run_batches takes and queues the next batch while this one
-        is inferred, and builds this one's records while the next is inferred:
-        the inference thread never waits for the event loop (it runs a traced
-        graph without the GIL, PGKD_INFERENCE_GRAPH). With PGKD_INFERENCE_LANES=2
-        two batches are inferred at once. Records are queued batch after batch,
+        A full batch (PGKD_BATCH_SIZE: a backlog) returns as soon as its
+        inference is queued on the inference thread, so run_batches takes and
+        queues the next batch while this one is inferred, and builds this one's
+        records while the next is inferred: the inference thread never waits for
+        the event loop (the graph runs without the GIL, PGKD_INFERENCE_GRAPH).
+        With PGKD_INFERENCE_LANES=2 two batches are inferred at once. A batch
+        that is not full returns once it is inferred (its records are still
+        built and stored after it returns): the next take then holds everything
+        that arrived during the inference. Records are queued batch after batch,
         in the order the batches came, whichever finished inference first. Bad
         records become dead letters; the batch goes on."""
         model = self.model
@@ -132,7 +135,14 @@ class Classifier:
                 valid.append((msg, parsed))
         inferred = asyncio.ensure_future(self._predict(model, [item.text for _, item in valid])) if valid else None
         before, self._queued = self._queued, asyncio.get_running_loop().create_future()
-        return asyncio.ensure_future(self._complete(valid, inferred, sends, model, before, self._queued))
+        done = asyncio.ensure_future(self._complete(valid, inferred, sends, model, before, self._queued))
+        if inferred is not None and len(batch) < self.settings.batch_size:
+            # Not a full take: the stream has caught up. The next take starts once this batch
+            # is inferred, so it gathers every message that arrived meanwhile into one batch,
+            # instead of a small batch queued behind this one (a pass costs more per text the
+            # smaller it is). A full take (a backlog) lets the next one queue at once.
+            await asyncio.wait({inferred})
+        return done
 
     async def _complete(self, valid: list[tuple[Incoming, TextIn]], inferred: asyncio.Future | None,
                         sends: list[Awaitable], model: ServingModel, before: asyncio.Future | None,

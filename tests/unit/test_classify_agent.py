@@ -93,7 +93,10 @@ def _record_sends(monkeypatch) -> list[str]:
 
 
 def _gated(classifier, monkeypatch):
+    """A classifier whose takes are full at 2 messages (a full take is pipelined), its
+    gated student, and the keys it sends."""
     worker, _ = classifier
+    worker = type(worker)(worker.settings.model_copy(update={"batch_size": 2}), worker.topics)
     student = GatedStudent()
     worker.model = ServingModel(student, "v1", None)
     return worker, student, _record_sends(monkeypatch)
@@ -103,18 +106,36 @@ def test_the_next_batch_is_queued_for_inference_before_this_one_is_answered(clas
     worker, student, sent = _gated(classifier, monkeypatch)
 
     async def run():
-        first = await worker.handle(_batch("1a", "1b"))  # returns with batch 1 queued, not inferred
-        second = await worker.handle(_batch("2a"))
+        first = await worker.handle(_batch("1a", "1b"))  # a full take: returns with batch 1 queued, not inferred
+        second = await worker.handle(_batch("2a", "2b"))
         await _until(lambda: student.calls)
         assert student.calls == [["text 1a", "text 1b"]] and not first.done() and sent == []
         student.gates[0].set()  # batch 1 inferred: its records go out; batch 2 is already in the thread
         await first
         assert sent == ["1a", "1b"] and not second.done()
         await _until(lambda: len(student.calls) == 2)  # the inference thread takes batch 2 once batch 1 is done
-        assert student.calls[1] == ["text 2a"] and not second.done()
+        assert student.calls[1] == ["text 2a", "text 2b"] and not second.done()
         student.gates[1].set()
         await second
-        assert sent == ["1a", "1b", "2a"]
+        assert sent == ["1a", "1b", "2a", "2b"]
+
+    asyncio.run(run())
+
+
+def test_a_batch_that_is_not_full_returns_once_inferred(classifier, monkeypatch):
+    # the stream has caught up: the next take waits for this inference, and so holds
+    # everything that arrives meanwhile, instead of queueing a small batch behind it
+    worker, student, sent = _gated(classifier, monkeypatch)
+
+    async def run():
+        handled = asyncio.ensure_future(worker.handle(_batch("1a")))
+        await _until(lambda: student.calls)
+        await asyncio.sleep(0.05)
+        assert not handled.done() and sent == []
+        student.gates[0].set()
+        stored = await asyncio.wait_for(handled, 5)  # returns once inferred; the records follow
+        await stored
+        assert sent == ["1a"]
 
     asyncio.run(run())
 
@@ -143,6 +164,7 @@ def test_two_lanes_infer_two_batches_at_once_and_answer_in_batch_order(monkeypat
     monkeypatch.setenv("PGKD_SERVE_MODEL", str(tmp_path))
     monkeypatch.setenv("PGKD_FAUST_DATADIR", str(tmp_path / "faust"))
     monkeypatch.setenv("PGKD_INFERENCE_LANES", "2")
+    monkeypatch.setenv("PGKD_BATCH_SIZE", "2")  # full takes of 2: pipelined
     from pgkd.settings import load_settings
 
     worker = streams.classify.Classifier(load_settings(), streams.classify.topics)
@@ -162,7 +184,7 @@ def test_two_lanes_infer_two_batches_at_once_and_answer_in_batch_order(monkeypat
 
     async def run():
         first = await worker.handle(_batch("1a", "1b"))
-        second = await worker.handle(_batch("2a"))
+        second = await worker.handle(_batch("2a", "2b"))
         await _until(lambda: len(inside) == 2)
         assert inside == {"text 1a", "text 2a"}  # both batches in inference at once
         gates["text 2a"].set()  # the second batch finishes first ...
@@ -170,6 +192,6 @@ def test_two_lanes_infer_two_batches_at_once_and_answer_in_batch_order(monkeypat
         assert sent == [] and not second.done()  # ... but its records wait for the first batch's
         gates["text 1a"].set()
         await asyncio.gather(first, second)
-        assert sent == ["1a", "1b", "2a"]
+        assert sent == ["1a", "1b", "2a", "2b"]
 
     asyncio.run(run())
