@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,9 +94,10 @@ def load_version(settings: Settings, version: str) -> ServingModel:
     """A stored registry version, verified, ready for ``predict_proba`` (the hot
     swap's loader). ModelIntegrityError when a file does not match its checksum."""
     with Registry.from_settings(settings) as registry:
-        student = registry.load(version)
         path = registry.path(version)
-    prepare(student, settings)
+        if settings.inference_graph == "onnxruntime":
+            registry.verify(version)  # the graph builder reads the files verified here
+        student = _prepared(path, settings, lambda: registry.load(version))
     log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
              student.device, student.quantize, student.graph)
     return ServingModel(student=student, version=version, path=path)
@@ -122,6 +124,27 @@ def prepare(student: Student, settings: Settings) -> Student:
     return student
 
 
+def _prepared(path: Path, settings: Settings, load: Callable[[], Student]) -> Student:
+    """The student of the verified directory ``path``, ready to serve as the settings
+    ask. onnxruntime: the graph is built by a child process (the export and the
+    quantizer are seconds of Python that would hold this worker's GIL) and only
+    the session and tokenizer load here; when that fails, torchscript (logged).
+    The other graphs: ``load()`` the torch model here, then :func:`prepare`."""
+    if settings.inference_graph == "onnxruntime":
+        import torch
+
+        from pgkd.inference_onnx import OnnxError, build_in_child
+        from pgkd.student import Student
+
+        try:
+            forward = build_in_child(path, settings.inference_quantize, settings.torch_threads or torch.get_num_threads())
+            return Student.served_by(path, forward, settings.inference_quantize, "onnxruntime")
+        except OnnxError as err:
+            log.warning("PGKD_INFERENCE_GRAPH=onnxruntime refused for this model (%s); serving torchscript", err)
+            settings = settings.model_copy(update={"inference_graph": "torchscript"})
+    return prepare(load(), settings)
+
+
 def load_serving_model(settings: Settings) -> ServingModel:
     """Load the model to serve, ready for ``predict_proba``: the registry's current
     version, else PGKD_SERVE_MODEL. Raises ConfigError/ModelError/RegistryError."""
@@ -132,7 +155,7 @@ def load_serving_model(settings: Settings) -> ServingModel:
     from pgkd.student import Student
 
     path = _fallback_path(settings)
-    student = prepare(Student.load(path), settings)
+    student = _prepared(path, settings, lambda: Student.load(path))
     version = model_version(path)
     log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
              student.device, student.quantize, student.graph)

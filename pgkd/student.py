@@ -120,13 +120,7 @@ class Student:
             raise ModelError(
                 f"{path} holds a pickle file ({pickles[0]!r}); only safetensors checkpoints are loaded: remove it"
             )
-        if not (path / LABELS_FILE).is_file():
-            raise ModelError(f"{path} has no {LABELS_FILE}; expected a directory written by Student.save()")
-        try:
-            meta = json.loads((path / LABELS_FILE).read_text(encoding="utf-8"))
-            labels, max_length = list(meta["labels"]), int(meta["max_length"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise ModelError(f"{path / LABELS_FILE} is not a valid label map: {_first_line(err)}") from None
+        labels, max_length = _read_labels(path)
         try:
             with _quiet_transformers():
                 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -140,6 +134,23 @@ class Student:
                 f"{path}: the model has {model.config.num_labels} outputs but {LABELS_FILE} lists {len(labels)} labels"
             )
         return cls(model, tokenizer, labels, max_length, _resolve_device(device))
+
+    @classmethod
+    def served_by(cls, path: str | Path, forward, quantize: str, graph: str) -> Student:
+        """A serving-only student of the :meth:`save` directory ``path`` whose forward
+        pass is ``forward`` (encoding -> logits; e.g. an ONNX Runtime session built
+        by another process): the tokenizer and labels come from ``path``, no torch
+        weights are loaded (``model`` is None)."""
+        path = Path(path)
+        labels, max_length = _read_labels(path)
+        try:
+            with _quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load the tokenizer in {path}: {_first_line(err)}") from None
+        student = cls(None, tokenizer, labels, max_length)
+        student._forward, student.quantize, student.graph = forward, quantize, graph
+        return student
 
     def save(self, path: str | Path) -> None:
         """Write weights (safetensors), tokenizer and ``labels.json`` to ``path``."""
@@ -173,7 +184,8 @@ class Student:
         if self.quantize != "fp32" and device.type != "cpu":
             raise ModelError(f"a {self.quantize} student runs on the CPU only, not on {device}")
         self.device = device
-        self.model.to(self.device)
+        if self.model is not None:  # None: served_by() a forward of its own
+            self.model.to(self.device)
         return self
 
     def optimize_for_inference(self, quantize: str = "fp32", graph: str = "eager") -> Student:
@@ -265,7 +277,7 @@ class Student:
         out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         # Character length is a cheap, good proxy for token length.
         order = np.argsort([len(t) for t in texts], kind="stable")
-        was_training = self.model.training
+        was_training = self.model is not None and self.model.training
         if was_training:  # eval()/train() walk every module: a cost per call a serving model need not pay
             self.model.eval()
         try:
@@ -290,6 +302,17 @@ class Student:
         from pgkd.training import train as train_loop
 
         return train_loop(self, train, val, cfg)
+
+
+def _read_labels(path: Path) -> tuple[list[str], int]:
+    """(labels, max_length) from the labels.json that :meth:`Student.save` writes."""
+    if not (path / LABELS_FILE).is_file():
+        raise ModelError(f"{path} has no {LABELS_FILE}; expected a directory written by Student.save()")
+    try:
+        meta = json.loads((path / LABELS_FILE).read_text(encoding="utf-8"))
+        return list(meta["labels"]), int(meta["max_length"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelError(f"{path / LABELS_FILE} is not a valid label map: {_first_line(err)}") from None
 
 
 def _resolve_device(device) -> torch.device:

@@ -55,27 +55,42 @@ def test_a_model_that_does_not_trace_is_served_eager(model_dir, tmp_path, monkey
     assert eager.student.graph == "eager"
 
 
-@pytest.mark.parametrize("quantize", ["fp32", "int8"])
-def test_the_onnxruntime_graph_serves_when_asked(model_dir, tmp_path, quantize):
+def test_the_onnxruntime_graph_is_built_in_a_child_and_serves(model_dir, tmp_path, monkeypatch):
+    import pgkd.inference_onnx
+
+    children = []
+    run = pgkd.inference_onnx.subprocess.run
+    monkeypatch.setattr(pgkd.inference_onnx.subprocess, "run", lambda cmd, **kw: children.append(cmd) or run(cmd, **kw))
     settings = load_settings(serve_model=str(model_dir), model_store=tmp_path / "store", redis_timeout_s=0.5,
-                             redis_url=f"redis://127.0.0.1:{_closed_port()}/0", inference_quantize=quantize,
+                             redis_url=f"redis://127.0.0.1:{_closed_port()}/0", inference_quantize="int8",
                              inference_graph="onnxruntime")
     served = load_serving_model(settings)
-    assert served.student.graph == "onnxruntime" and served.student.quantize == quantize
-    assert served.student.predict_proba(["hello"]).shape == (1, 3)
+    assert served.student.graph == "onnxruntime" and served.student.quantize == "int8"
+    assert served.student.model is None  # no torch weights in the worker: only the session and the tokenizer
+    assert len(children) == 1 and children[0][1:4] == ["-m", "pgkd.inference_onnx", str(model_dir)]
+    reference = Student.load(model_dir, device="cpu").predict_proba(["hello", "a longer text to pad against"])
+    got = served.student.predict_proba(["hello", "a longer text to pad against"])
+    assert got.shape == (2, 3) and abs(got - reference).max() < 0.05
 
 
 def test_a_model_that_does_not_export_is_served_torchscript(model_dir, tmp_path, monkeypatch, caplog):
     import pgkd.inference_onnx
 
-    def refuse(model, encode, quantize):
-        raise pgkd.inference_onnx.OnnxError("onnxruntime is not installed (pip install onnxruntime onnx)")
+    def refuse(path, quantize, threads):
+        raise pgkd.inference_onnx.OnnxError("OnnxError: the fp32 ONNX graph's logits differ from the model's by 1")
 
-    monkeypatch.setattr(pgkd.inference_onnx, "export_forward", refuse)
+    monkeypatch.setattr(pgkd.inference_onnx, "build_in_child", refuse)
     settings = load_settings(serve_model=str(model_dir), model_store=tmp_path / "store", redis_timeout_s=0.5,
                              redis_url=f"redis://127.0.0.1:{_closed_port()}/0", inference_quantize="int8",
                              inference_graph="onnxruntime")
     served = load_serving_model(settings)
     assert served.student.graph == "torchscript" and served.student.quantize == "int8"  # torch's int8 then
-    assert ("PGKD_INFERENCE_GRAPH=onnxruntime refused for this model (onnxruntime is not installed (pip install "
-            "onnxruntime onnx)); serving torchscript") in caplog.text
+    assert ("PGKD_INFERENCE_GRAPH=onnxruntime refused for this model (OnnxError: the fp32 ONNX graph's logits "
+            "differ from the model's by 1); serving torchscript") in caplog.text
+
+
+def test_the_graph_builder_reports_why_it_failed(tmp_path):
+    import pgkd.inference_onnx
+
+    with pytest.raises(pgkd.inference_onnx.OnnxError, match=f"^ModelError: model directory not found: {tmp_path}/no$"):
+        pgkd.inference_onnx.build_in_child(tmp_path / "no", "int8", threads=1)
