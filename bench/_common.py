@@ -143,6 +143,7 @@ class Outputs:
     """A consumer of labels.out that notes when each student answer arrived here.
 
     ``seen``: id -> (arrived, the input's produce timestamp), first answer only;
+    ``sent``: id -> the first answer's Kafka timestamp (when the worker sent it);
     ``records``: every student answer as (arrived, its Kafka timestamp, value),
     duplicates included."""
 
@@ -152,6 +153,7 @@ class Outputs:
         self.consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                          group_id=None, fetch_max_wait_ms=10)
         self.seen: dict[str, tuple[float, float]] = {}
+        self.sent: dict[str, float] = {}
         self.records: list[tuple[float, float, dict]] = []
         self._task: asyncio.Task | None = None
 
@@ -168,6 +170,7 @@ class Outputs:
                     out = json.loads(r.value)
                     if out.get("source") == "student":
                         self.seen.setdefault(out["id"], (now, out["ts"]))
+                        self.sent.setdefault(out["id"], r.timestamp / 1000)
                         self.records.append((now, r.timestamp / 1000, out))
 
     async def wait_for(self, ids: list[str], timeout_s: float) -> None:
@@ -215,7 +218,8 @@ async def backlog(producer, outputs: Outputs, topic: str, prefix: str, texts: li
 def worker_args(p, threads_help: str = "torch threads of the worker") -> None:
     """The classify worker's settings and the services, as a stream bench's options."""
     p.add_argument("--quantize", default="int8", choices=("fp32", "int8"))
-    p.add_argument("--graph", default="torchscript", choices=("eager", "torchscript"), help="PGKD_INFERENCE_GRAPH")
+    p.add_argument("--graph", default="torchscript", choices=("eager", "torchscript", "onnxruntime"),
+                   help="PGKD_INFERENCE_GRAPH")
     p.add_argument("--threads", type=int, default=1, help=threads_help)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--inference-batch-size", type=int, default=16, help="PGKD_INFERENCE_BATCH_SIZE")

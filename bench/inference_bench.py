@@ -6,15 +6,17 @@ so that a neighbour's load hits all of them alike, and each is reported as the
 median and range of its repetitions:
 
     student fp32 / int8   Student.predict_proba (length-bucketed batches), PGKD_INFERENCE_QUANTIZE
+    int8, TorchScript     the same int8 model as one traced graph (PGKD_INFERENCE_GRAPH=torchscript)
+    int8, ONNX Runtime    the fp32 model exported to ONNX, int8 by ONNX Runtime (PGKD_INFERENCE_GRAPH=onnxruntime)
     fp32 input order      the same batches without length bucketing (what bucketing buys)
     pipeline              transformers.pipeline("text-classification") with its best batch_size
     naive                 one tokenizer call and one forward per message
 
-1. sweep: batch sizes 1..128 for student fp32, student int8 and the pipeline (best kept);
+1. sweep: batch sizes 1..128 for student fp32, int8, int8 traced, int8 ONNX Runtime and the pipeline;
 2. main: every contender at its best batch size (torch threads: the first of --threads);
    then student and pipeline at each torch thread count, on fewer texts;
 3. accuracy: the trained-head model (streaming_support.probe_student) on the whole
-   Banking77 test split, fp32 vs int8.
+   Banking77 test split, fp32 vs int8 (torch eager and traced, ONNX Runtime).
 
     python bench/inference_bench.py                      # ~10 min on 2 busy cores
     python bench/inference_bench.py --texts 128 --reps 2 --sweep-reps 1 --no-accuracy --no-docs   # a quick look
@@ -43,9 +45,12 @@ from _common import (
     write_section,
 )
 
+from pgkd.inference_opt import cpu_has_vnni
 from pgkd.student import Student
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+TRACED = "student int8, TorchScript graph"  # PGKD_INFERENCE_GRAPH=torchscript
+ORT = "student int8, ONNX Runtime"  # PGKD_INFERENCE_GRAPH=onnxruntime
 
 
 def naive(student: Student, texts: list[str]) -> None:
@@ -101,13 +106,16 @@ def accuracy(model_dir, threads: int) -> dict:
     test = banking("test")
     fp32 = Student.load(model_dir, device="cpu")
     int8 = fp32.clone().optimize_for_inference("int8")
-    out = {"model": str(model_dir.name), "n": len(test)}
+    traced = fp32.clone().optimize_for_inference("int8", "torchscript")
+    onnx = fp32.clone().optimize_for_inference("int8", "onnxruntime")
+    out = {"model": str(model_dir.name), "n": len(test), "vnni": cpu_has_vnni()}
     preds = {}
-    for name, student in (("fp32", fp32), ("int8", int8)):
+    for name, student in (("fp32", fp32), ("int8", int8), ("int8_traced", traced), ("int8_onnxruntime", onnx)):
         preds[name] = student.predict(test.texts)
         out[name] = float(np.mean([p == g for p, g in zip(preds[name], test.labels, strict=True)]))
     out["delta_points"] = 100 * (out["int8"] - out["fp32"])
     out["label_agreement"] = float(np.mean([a == b for a, b in zip(preds["fp32"], preds["int8"], strict=True)]))
+    out["traced_agreement"] = float(np.mean([a == b for a, b in zip(preds["int8"], preds["int8_traced"], strict=True)]))
     return out
 
 
@@ -144,7 +152,10 @@ def markdown(res: dict) -> str:
         lines += ["", f"**Accuracy**, trained-head model ({acc['model']}), whole Banking77 test split "
                   f"({acc['n']} texts): fp32 {100 * acc['fp32']:.2f}%, int8 {100 * acc['int8']:.2f}% "
                   f"({acc['delta_points']:+.2f} points); the two agree on {100 * acc['label_agreement']:.1f}% of "
-                  "the labels."]
+                  f"the labels (torch int8, {'8' if acc['vnni'] else '7'}-bit inputs on this CPU). int8 as a "
+                  f"TorchScript graph: {100 * acc['int8_traced']:.2f}%, the same label as eager int8 on "
+                  f"{100 * acc['traced_agreement']:.1f}% of the texts. int8 by ONNX Runtime (8-bit inputs): "
+                  f"{100 * acc['int8_onnxruntime']:.2f}% ({100 * (acc['int8_onnxruntime'] - acc['fp32']):+.2f} points)."]
     return "\n".join(lines)
 
 
@@ -168,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     texts = list(test.texts[: args.texts])
     fp32 = Student.from_pretrained(None, test.classes(), max_length=64, device="cpu")  # untrained head: speed only
     int8 = fp32.clone().optimize_for_inference("int8")
+    traced = fp32.clone().optimize_for_inference("int8", "torchscript")  # the workers' default graph
+    onnx = fp32.clone().optimize_for_inference("int8", "onnxruntime")
     pipe = make_pipeline(fp32)
     batched = {
         "student fp32": lambda bs: lambda xs: fp32.predict_proba(xs, bs),
         "student int8": lambda bs: lambda xs: int8.predict_proba(xs, bs),
+        TRACED: lambda bs: lambda xs: traced.predict_proba(xs, bs),
+        ORT: lambda bs: lambda xs: onnx.predict_proba(xs, bs),
         "pipeline fp32": lambda bs: lambda xs: pipe(xs, batch_size=bs, truncation=True, max_length=64),
     }
 
@@ -190,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             (best["student fp32"], lambda xs: input_order(fp32, xs, best["student fp32"])),
         "student fp32": (best["student fp32"], batched["student fp32"](best["student fp32"])),
         "student int8": (best["student int8"], batched["student int8"](best["student int8"])),
+        TRACED: (best[TRACED], batched[TRACED](best[TRACED])),
+        ORT: (best[ORT], batched[ORT](best[ORT])),
     }
     n_naive = max(8, args.texts // 4)
     main_texts = {name: texts[:n_naive] if name.startswith("naive") else texts for name in contenders}
@@ -198,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     main_rows = {n: {"batch": bs, "texts_s": summary(runs[(n, threads[0])])} for n, (bs, _) in contenders.items()}
 
     ratios = {}
-    for a, b in (("student int8", "pipeline fp32"), ("student fp32", "pipeline fp32"), ("student int8", "student fp32"),
+    for a, b in ((ORT, "pipeline fp32"), (TRACED, "pipeline fp32"), ("student int8", "pipeline fp32"),
+                 (ORT, TRACED), (TRACED, "student int8"), ("student fp32", "pipeline fp32"),
+                 ("student int8", "student fp32"),
                  ("student fp32", "student fp32, input order (no length bucketing)"),
                  ("pipeline fp32", "naive (1 forward per message, fp32)")):
         ra, rb = runs[(a, threads[0])], runs[(b, threads[0])]
@@ -208,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     by_threads = {}
     if len(threads) > 1:  # fewer texts: on a busy machine extra threads can be 10x slower
-        names = ("pipeline fp32", "student fp32", "student int8")
+        names = ("pipeline fp32", "student fp32", "student int8", TRACED, ORT)
         print(f"threads: {names} at {threads}, {args.thread_texts} texts", flush=True)
         t_runs = interleave({n: contenders[n][1] for n in names}, dict.fromkeys(names, texts[: args.thread_texts]),
                             args.reps, threads)

@@ -78,13 +78,19 @@ async def paced(producer: AIOKafkaProducer, outputs: Outputs, worker, topic: str
     ids = [k.decode() for k, _ in batch]
     await outputs.wait_for(ids, timeout_s)
     lat = np.array([1000 * (outputs.seen[i][0] - outputs.seen[i][1]) for i in ids])
+    # where the time went: input produced -> the worker sent the answer (Kafka timestamps of both), and
+    # answer sent -> it arrived here
+    in_worker = np.array([1000 * (outputs.sent[i] - outputs.seen[i][1]) for i in ids])
+    delivery = lat - in_worker
     after = worker_counters(worker)
     texts_n, batches = (after[k] - before[k] for k in ("pgkd_batch_size_sum", "pgkd_batch_size_count"))
     inference_s = after["pgkd_inference_seconds_sum"] - before["pgkd_inference_seconds_sum"]
     return {"rate": rate, "achieved_rate": n / sent_s, "n": n, "batches": batches,
             "mean_batch": texts_n / max(batches, 1), "inference_ms_per_batch": 1000 * inference_s / max(batches, 1),
             "ms_between_batches": 1000 * sent_s / max(batches, 1),
-            **{f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)}, "max": float(lat.max())}
+            **{f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)}, "max": float(lat.max()),
+            "in_worker": {f"p{q}": float(np.percentile(in_worker, q)) for q in (50, 99)},
+            "delivery": {f"p{q}": float(np.percentile(delivery, q)) for q in (50, 99)}}
 
 
 def start_py_spy(pid: int, out: str) -> subprocess.Popen:
@@ -276,6 +282,14 @@ def markdown(res: dict) -> str:
         lines.append(f"| {name} of sustained | {x['rate']:.0f} | {x['n']} | {x['p50']:.0f} | {x['p95']:.0f} | "
                      f"{x['p99']:.0f} | {x['max']:.0f} | {x['mean_batch']:.1f}, {x['ms_between_batches']:.0f}, "
                      f"{x['inference_ms_per_batch']:.0f} |")
+    if all("in_worker" in x for x in res["latency_ms"].values()):
+        lines += ["", ("Where the time went (ms): *to the worker's answer* is the input's produce timestamp to the "
+                       "answer's Kafka timestamp (the consumer fetch, the take, the inference queue, inference); "
+                       "*delivery* is the answer's Kafka timestamp to its arrival at the consumer here."), "",
+                  "| load | to the answer p50 | p99 | delivery p50 | p99 |", "|---|---|---|---|---|"]
+        for name, x in res["latency_ms"].items():
+            lines.append(f"| {name} | {x['in_worker']['p50']:.0f} | {x['in_worker']['p99']:.0f} | "
+                         f"{x['delivery']['p50']:.0f} | {x['delivery']['p99']:.0f} |")
     lines += ["", f"Dead letters during the run: {res['dead_letters']:.0f}."]
     if "gc_pauses" in res:
         lines[-1] += " The worker's garbage collections over the whole run (count, ms in total): " + ", ".join(
