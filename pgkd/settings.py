@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     )
     inference_quantize: Literal["fp32", "int8"] = Field(
         "fp32", description="served weights: fp32 as trained, or int8 (the Linear layers of every encoder layer but "
-        "the last dynamically quantized: ~1.5x CPU throughput, accuracy within 0.5 points on Banking77; CPU only)"
+        "the last dynamically quantized: ~1.5x CPU throughput, accuracy within 0.5 points on Banking77 -- on a CPU "
+        "without VNNI only with PGKD_INFERENCE_GRAPH=onnxruntime; CPU only)"
     )
     inference_graph: Literal["eager", "torchscript", "onnxruntime"] = Field(
         "torchscript", description="the served forward pass: torchscript (traced once per loaded version and checked "

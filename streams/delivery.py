@@ -17,8 +17,8 @@ awaitable that resolves once the broker has acknowledged the batch's records.
 The next batch is then taken and handled while that one completes; batches are
 still acked strictly in order, each only after its records are stored, and at
 most two are unacknowledged at a time. The classifier's handler returns as soon
-as the batch's inference is queued, so batch k+1 is inferred while batch k's
-records are built and stored.
+as a full batch's inference is queued, so batch k+1 is inferred while batch k's
+records are built and stored (a batch that is not full returns once inferred).
 """
 
 from __future__ import annotations
