@@ -7,7 +7,10 @@ consumer group and split the partitions of ``texts.in``.
 
 Delivery is at least once (:mod:`streams.delivery`). Outputs are a pure
 function of (input, model version) and carry the input's timestamp, so a
-redelivered input yields the same records.
+redelivered input yields the same records. With int8 weights
+(PGKD_INFERENCE_QUANTIZE=int8) the activations are quantized per batch, so a
+redelivered input batched with other texts may come back with a slightly
+different confidence (rarely another label).
 """
 
 from __future__ import annotations
