@@ -64,12 +64,15 @@ _CHUNK = 1 << 20
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe to log or print).
+    """The URL with its password, and query values that look like credentials,
+    replaced by ``***`` (safe to log or print).
 
     >>> redact_url("redis://:s3cret@cache.internal:6380/2")
     'redis://:***@cache.internal:6380/2'
     >>> redact_url("rediss://app:s3cret@cache/0?password=s3cret")
     'rediss://app:***@cache/0?password=***'
+    >>> redact_url("https://llm.internal/v1?api-key=s3cret&region=eu")
+    'https://llm.internal/v1?api-key=***&region=eu'
     >>> redact_url("redis://127.0.0.1:6379/0")
     'redis://127.0.0.1:6379/0'
     """
@@ -78,8 +81,12 @@ def redact_url(url: str) -> str:
     if parts.password is not None:
         userinfo, _, hostport = netloc.rpartition("@")
         netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
-    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    query = _CREDENTIAL_PARAM.sub(r"\1=***", parts.query)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# query parameters whose values are credentials (password=, api-key=, api_key=, token=, sig=, secret=, ...)
+_CREDENTIAL_PARAM = re.compile(r"((?:^|&)[^=&]*(?:password|passwd|key|token|secret|sig)[^=&]*)=[^&]*", re.IGNORECASE)
 
 
 def sha256_file(path: Path) -> str:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pgkd.errors import BudgetExhausted, TeacherError
 from pgkd.labelling import CACHED_USAGE, chunks, distinct_texts, error_reason, request_tokens, usage_share
 from pgkd.ratelimit import RateLimiter
+from pgkd.registry import redact_url
 from pgkd.serving import load_taxonomy
 from pgkd.settings import Settings, load_settings
 from pgkd.teacher import OpenAITeacher, Usage
@@ -85,8 +86,8 @@ class TeacherWorker:
                                                               spend=self.ledger))
         metrics.TEACHER_BUDGET.set(s.teacher_budget_usd)
         self._started = True
-        log.info("teacher worker: %s at %s, %d labels, budget $%g", s.teacher_model, s.teacher_base_url,
-                 len(self.taxonomy), s.teacher_budget_usd)
+        log.info("teacher worker: %s at %s, %d labels, budget $%g", s.teacher_model,
+                 redact_url(s.teacher_base_url), len(self.taxonomy), s.teacher_budget_usd)
 
     # --- one batch --------------------------------------------------------------
 
