@@ -15,11 +15,14 @@ which cost a point of Banking77 accuracy; ONNX Runtime's int8 MatMuls take full
 it runs, like the TorchScript graph, and its per-op overhead is lower, which
 counts at the small batches a lightly loaded stream makes.
 
-The graph is built in memory when a version is loaded (a few seconds of CPU: the
-export, then the quantizer); nothing is written to the model store, so the
-registry still holds safetensors only. A model that does not export faithfully,
-or a machine without ``onnxruntime``/``onnx``, raises :class:`OnnxError` and the
-worker serves the TorchScript graph instead (:func:`pgkd.serving.prepare`).
+The graph is built when a version is loaded (seconds of CPU: the export, then
+the quantizer). Workers build it in a child process (:func:`build_in_child`, this
+module's ``main``) so that none of that Python holds their GIL, and load only the
+finished graph; in-process callers use :func:`export_forward`. Nothing is written
+to the model store, so the registry still holds safetensors only. A model that
+does not export faithfully, or a machine without ``onnxruntime``/``onnx``,
+raises :class:`OnnxError` and the worker serves the TorchScript graph instead
+(:mod:`pgkd.serving`).
 """
 
 from __future__ import annotations
