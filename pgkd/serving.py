@@ -103,20 +103,13 @@ def load_version(settings: Settings, version: str) -> ServingModel:
     return ServingModel(student=student, version=version, path=path)
 
 
-def prepare(student: Student, settings: Settings) -> Student:
-    """Quantize and compile ``student`` for serving as the settings ask
-    (PGKD_INFERENCE_QUANTIZE, PGKD_INFERENCE_GRAPH). A graph that cannot be built
-    faithfully falls back, logged with the reason: onnxruntime -> torchscript ->
-    eager."""
+def prepare(student: Student, settings: Settings, graph: str | None = None) -> Student:
+    """Quantize and trace ``student`` for serving as the settings ask
+    (PGKD_INFERENCE_QUANTIZE; ``graph``, default PGKD_INFERENCE_GRAPH). A model that
+    does not trace faithfully is served eager: logged, with the reason."""
     from pgkd.inference_opt import GraphError
 
-    graph = settings.inference_graph
-    if graph == "onnxruntime":
-        try:
-            return student.optimize_for_inference(settings.inference_quantize, graph)
-        except GraphError as err:  # the student is unchanged
-            log.warning("PGKD_INFERENCE_GRAPH=onnxruntime refused for this model (%s); serving torchscript", err)
-            graph = "torchscript"
+    graph = graph or settings.inference_graph
     try:  # quantizes first: a refused trace leaves the student quantized and eager
         student.optimize_for_inference(settings.inference_quantize, graph)
     except GraphError as err:
@@ -130,19 +123,19 @@ def _prepared(path: Path, settings: Settings, load: Callable[[], Student]) -> St
     quantizer are seconds of Python that would hold this worker's GIL) and only
     the session and tokenizer load here; when that fails, torchscript (logged).
     The other graphs: ``load()`` the torch model here, then :func:`prepare`."""
-    if settings.inference_graph == "onnxruntime":
-        import torch
+    if settings.inference_graph != "onnxruntime":
+        return prepare(load(), settings)
+    import torch
 
-        from pgkd.inference_onnx import OnnxError, build_in_child
-        from pgkd.student import Student
+    from pgkd.inference_onnx import OnnxError, build_in_child
+    from pgkd.student import Student
 
-        try:
-            forward = build_in_child(path, settings.inference_quantize, settings.torch_threads or torch.get_num_threads())
-            return Student.served_by(path, forward, settings.inference_quantize, "onnxruntime")
-        except OnnxError as err:
-            log.warning("PGKD_INFERENCE_GRAPH=onnxruntime refused for this model (%s); serving torchscript", err)
-            settings = settings.model_copy(update={"inference_graph": "torchscript"})
-    return prepare(load(), settings)
+    try:
+        forward = build_in_child(path, settings.inference_quantize, settings.torch_threads or torch.get_num_threads())
+        return Student.served_by(path, forward, settings.inference_quantize, "onnxruntime")
+    except OnnxError as err:
+        log.warning("PGKD_INFERENCE_GRAPH=onnxruntime refused for this model (%s); serving torchscript", err)
+        return prepare(load(), settings, graph="torchscript")
 
 
 def load_serving_model(settings: Settings) -> ServingModel:
