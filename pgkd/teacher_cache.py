@@ -137,6 +137,16 @@ class TeacherCache:
             self._on_error("cache_set")
 
 
+# Add what was spent unsynced (ARGV[1]); then book ARGV[2] only if the total stays
+# within the budget ARGV[3]. Returns {booked 0/1, the total as a string}.
+_RESERVE = """
+local total = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) ~= 0 then total = tonumber(redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])) end
+if total + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return {0, tostring(total)} end
+return {1, redis.call('INCRBYFLOAT', KEYS[1], ARGV[2])}
+"""
+
+
 class SpendLedger:
     """Money spent on the teacher, shared in Redis (``{prefix}:teacher:spent_usd``),
     against a budget (``{prefix}:teacher:budget_usd`` overrides the configured one).
@@ -194,10 +204,10 @@ class SpendLedger:
         """Book the most one teacher call can cost before making it; False (nothing
         booked) when that would take the total past the budget.
 
-        Every worker books into the shared total first (INCRBYFLOAT) and takes its
-        booking back if the total went over, so concurrent calls of all workers
-        can never spend more than the budget together: at worst two racing
-        callers both back off. :meth:`settle` replaces the booking by the real
+        The check and the booking are one Redis script (:data:`_RESERVE`), so
+        concurrent calls of all workers can never spend more than the budget
+        together, and the shared total never shows a refused booking, not even
+        for a moment (it used to book, then take back). :meth:`settle` replaces the booking by the real
         cost once the answer came. A worker killed in between leaves its booking
         counted (spend is over-, never under-estimated). While Redis is down the
         worker books against its last known total plus what it spent since."""
@@ -205,14 +215,11 @@ class SpendLedger:
             return True
         budget = await self.budget()
         try:
-            total = float(await self._redis.incrbyfloat(self.key, max_cost_usd + self._unsynced))
+            booked, total = await self._redis.eval(_RESERVE, 1, self.key, repr(self._unsynced), repr(max_cost_usd),
+                                                   repr(budget))
             self._unsynced = 0.0
-            if total > budget:
-                total = float(await self._redis.incrbyfloat(self.key, -max_cost_usd))
-                self._last_known = total
-                return False
-            self._last_known = total
-            return True
+            self._last_known = float(total)
+            return bool(int(booked))
         except (redis.RedisError, OSError) as err:
             _warn("spend reserve", err)
             self._on_error("spend_reserve")

@@ -119,3 +119,22 @@ def test_spend_is_shared_and_the_budget_can_be_raised_in_redis(redis_db_url, red
     assert spent == pytest.approx(1.2)
     assert before == pytest.approx(-0.2) and after == pytest.approx(3.8)
     assert b'"exhausted": true' in redis_client.get("p:teacher:budget_status")
+
+
+def test_a_refused_booking_never_shows_in_the_shared_total(redis_db_url, redis_client):
+    # a refused booking leaves the total as it was; the check and the booking are one
+    # script, so no reader (dashboards, the budget hold) sees it in between either
+    async def main():
+        client = connect(redis_db_url)
+        ledger = SpendLedger(client, 0.03, prefix="q")
+        booked = [await ledger.reserve(0.012), await ledger.reserve(0.012), await ledger.reserve(0.012)]
+        seen = float(redis_client.get("q:teacher:spent_usd"))
+        await ledger.settle(0.012, 0.004)  # one call came back cheaper: room for another booking
+        again = await ledger.reserve(0.012)
+        await client.aclose()
+        return booked, seen, again
+
+    booked, seen, again = asyncio.run(main())
+    assert booked == [True, True, False]
+    assert seen == pytest.approx(0.024)  # the refused third booking left no trace
+    assert again is True and float(redis_client.get("q:teacher:spent_usd")) == pytest.approx(0.028)
