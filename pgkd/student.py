@@ -35,6 +35,11 @@ SHARDED_INDEX = "model.safetensors.index.json"  # what save_pretrained writes fo
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 QUANTIZE_MODES = ("fp32", "int8")  # Student.optimize_for_inference / PGKD_INFERENCE_QUANTIZE
 GRAPH_MODES = ("eager", "torchscript", "onnxruntime")  # Student.optimize_for_inference / PGKD_INFERENCE_GRAPH
+# What one forward pass costs beyond its tokens, in tokens: MiniLM-L6 on one CPU thread
+# spends ~0.21 ms per token and ~4 ms (ONNX Runtime) to ~10 ms (TorchScript) per pass
+# whatever its size (docs/BENCHMARKS.md, "planned passes"); 16-64 measured alike.
+PASS_OVERHEAD_TOKENS = 24
+TOKENIZE_CHUNK = 4096  # texts tokenized at once by Student.batches (bounds the padded array)
 
 
 def default_encoder_path() -> Path:
@@ -266,25 +271,47 @@ class Student:
         )
         return enc.to(self.device)
 
+    def batches(self, texts: Sequence[str], batch_size: int = 64) -> Iterator[tuple[np.ndarray, BatchEncoding]]:
+        """``(indices into texts, encoding)`` for each forward pass over ``texts``.
+
+        The texts are tokenized at once (up to TOKENIZE_CHUNK), sorted by token
+        count and cut into passes of at most ``batch_size`` by :func:`plan_passes`:
+        each pass is padded only to its own longest text, and a long text goes in
+        a pass of its own rather than padding a dozen short ones to its length.
+        Which texts share a pass changes nothing in fp32 (padding is masked)."""
+        texts = list(texts)
+        for offset in range(0, len(texts), TOKENIZE_CHUNK):
+            enc = self.tokenizer(texts[offset : offset + TOKENIZE_CHUNK], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="np")
+            width = enc["input_ids"].shape[1]
+            mask = enc.get("attention_mask")
+            lengths = mask.sum(axis=1) if mask is not None else np.full(len(enc["input_ids"]), width)
+            order = np.argsort(lengths, kind="stable")
+            left = self.tokenizer.padding_side == "left"
+            for start, end in plan_passes(lengths[order].tolist(), batch_size):
+                idx = order[start:end]
+                longest = int(lengths[idx[-1]])
+                cols = slice(width - longest, width) if left else slice(0, longest)
+                encoding = BatchEncoding({k: torch.from_numpy(np.ascontiguousarray(v[idx, cols])) for k, v in enc.items()})
+                yield offset + idx, encoding.to(self.device)
+
     def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Class probabilities, shape ``(len(texts), len(labels))``, float32, rows sum to 1.
 
-        Texts are batched by length (fewer pad tokens) and the rows come back in
-        the input order."""
+        Forward passes of at most ``batch_size`` texts of similar length
+        (:meth:`batches`); the rows come back in the input order."""
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings, got a single str")
         texts = list(texts)
         out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
-        # Character length is a cheap, good proxy for token length.
-        order = np.argsort([len(t) for t in texts], kind="stable")
+        if not texts:
+            return out
         was_training = self.model is not None and self.model.training
         if was_training:  # eval()/train() walk every module: a cost per call a serving model need not pay
             self.model.eval()
         try:
             with torch.inference_mode():
-                for start in range(0, len(texts), batch_size):
-                    idx = order[start : start + batch_size]
-                    encoding = self.encode([texts[i] for i in idx])
+                for idx, encoding in self.batches(texts, batch_size):
                     logits = self._forward(encoding) if self._forward else self.model(**encoding).logits  # (batch, C)
                     out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         finally:
@@ -302,6 +329,39 @@ class Student:
         from pgkd.training import train as train_loop
 
         return train_loop(self, train, val, cfg)
+
+
+def plan_passes(lengths: Sequence[int], max_size: int,
+                overhead_tokens: float = PASS_OVERHEAD_TOKENS) -> list[tuple[int, int]]:
+    """Cut texts sorted by token count (``lengths`` ascending) into forward passes
+    ``[start, end)`` of at most ``max_size`` texts, at the least cost: each pass
+    costs ``overhead_tokens`` plus its texts times its longest (what it computes,
+    padding included). Exact, by dynamic programming over the cut points:
+    O(len(lengths) * max_size).
+
+    >>> plan_passes([9, 10, 11, 40], 16, overhead_tokens=24)  # the long one alone: 24+33 + 24+40 < 24+160
+    [(0, 3), (3, 4)]
+    >>> plan_passes([9, 10, 11, 12], 16, overhead_tokens=24)  # alike: one pass
+    [(0, 4)]
+    >>> plan_passes([10] * 5, 2)
+    [(0, 1), (1, 3), (3, 5)]
+    """
+    if max_size < 1:
+        raise ValueError(f"max_size must be at least 1, got {max_size}")
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: the least cost of the first j texts
+    cut = [0] * (n + 1)  # cut[j]: where the last pass of that plan starts
+    for j in range(1, n + 1):
+        longest = lengths[j - 1]  # sorted: a pass that ends at j pads to this
+        for i in range(max(0, j - max_size), j):
+            cost = best[i] + overhead_tokens + (j - i) * longest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    passes, j = [], n
+    while j > 0:
+        passes.append((cut[j], j))
+        j = cut[j]
+    return passes[::-1]
 
 
 def _read_labels(path: Path) -> tuple[list[str], int]:

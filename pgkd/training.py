@@ -209,20 +209,20 @@ def head_features(student: Student, texts: Sequence[str], batch_size: int = 64) 
     ModelError when the head does not take one vector per text."""
     captured: list[torch.Tensor] = []
     hook = student.model.classifier.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
-    # batches of similar length pad less (as Student.predict_proba does); rows go back to input order below
-    order = np.argsort([len(t) for t in texts], kind="stable")
+    where: list[np.ndarray] = []  # the passes of Student.batches (texts of similar length); rows go back below
     student.model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                student.model(**student.encode([texts[i] for i in order[start : start + batch_size]]))
+            for idx, encoding in student.batches(texts, batch_size):
+                student.model(**encoding)
+                where.append(idx)
     finally:
         hook.remove()
     if not captured or any(c.ndim != 2 for c in captured):
         raise ModelError(f"{type(student.model).__name__}.classifier does not take one vector per text; "
                          "train the whole model instead")
     features = torch.empty_like(torch.cat(captured))  # a normal tensor: inference-mode ones cannot be saved for backward
-    features[torch.as_tensor(order, device=features.device)] = torch.cat(captured)
+    features[torch.as_tensor(np.concatenate(where), device=features.device)] = torch.cat(captured)
     return features
 
 

@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["pgkd.data", "pgkd.report", "pgkd.mining", "pgkd.training", "pgkd.gate", "pgkd.registry"])
+@pytest.mark.parametrize("module", ["pgkd.data", "pgkd.report", "pgkd.mining", "pgkd.training", "pgkd.gate", "pgkd.registry",
+                                    "pgkd.student"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -7,7 +7,7 @@ import torch
 
 from pgkd.errors import ModelError
 from pgkd.inference_opt import Int8Linear, TraceError, cpu_has_vnni, quantize_linear_layers, trace_forward
-from pgkd.student import Student, default_encoder_path
+from pgkd.student import Student, default_encoder_path, plan_passes
 
 LABELS = ["neg", "neu", "pos"]
 TEXTS = [
@@ -46,6 +46,50 @@ def test_length_bucketing_restores_the_input_order(student):
     single = np.stack([student.predict_proba([t])[0] for t in TEXTS])
     np.testing.assert_allclose(batched, single, atol=1e-5)
     assert not student.model.training  # eval mode is restored, not forced to train
+
+
+def _cost(lengths, passes, overhead):
+    return sum(overhead + (end - start) * max(lengths[start:end]) for start, end in passes)
+
+
+def _all_plans(n, max_size, start=0):
+    if start == n:
+        yield []
+    for end in range(start + 1, min(n, start + max_size) + 1):
+        for rest in _all_plans(n, max_size, end):
+            yield [(start, end), *rest]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_passes_is_the_cheapest_plan_and_covers_every_text_once(seed):
+    rng = np.random.default_rng(seed)
+    n, max_size, overhead = int(rng.integers(1, 9)), int(rng.integers(1, 5)), float(rng.choice([0, 8, 24, 100]))
+    lengths = sorted(rng.integers(2, 64, size=n).tolist())
+    passes = plan_passes(lengths, max_size, overhead)
+    assert [i for start, end in passes for i in range(start, end)] == list(range(n))  # in order, each once
+    assert all(0 < end - start <= max_size for start, end in passes)
+    assert _cost(lengths, passes, overhead) == min(_cost(lengths, p, overhead) for p in _all_plans(n, max_size))
+
+
+def test_plan_passes_edges():
+    assert plan_passes([], 16) == []
+    assert plan_passes([7], 16) == [(0, 1)]
+    assert plan_passes([5, 5, 5, 5], 16, overhead_tokens=0) == [(0, 4)]  # equal lengths: no reason to cut
+    assert plan_passes([5, 6, 7, 8], 16, overhead_tokens=0) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # free passes
+    with pytest.raises(ValueError, match="max_size"):
+        plan_passes([5], 0)
+
+
+def test_batches_pad_each_pass_to_its_own_longest_text(student):
+    texts = ["a b", "a b c", "a b c d", " ".join(["word"] * 25), "a b c"]
+    passes = list(student.batches(texts, batch_size=16))
+    assert sorted(i for idx, _ in passes for i in idx) == list(range(len(texts)))
+    for idx, enc in passes:
+        unpadded = [len(student.tokenizer(texts[i], truncation=True, max_length=32)["input_ids"]) for i in idx]
+        assert enc["input_ids"].shape == (len(idx), max(unpadded))  # no column of padding only
+        assert enc["attention_mask"].sum(1).tolist() == unpadded
+    # the long text is not allowed to pad the four short ones to its length
+    assert [3] in [list(idx) for idx, _ in passes]
 
 
 def test_predict_restores_training_mode(student):
