@@ -94,12 +94,14 @@ class Settings(BaseSettings):
         "in flight, so more lanes would idle"
     )
     inference_batch_size: int = Field(
-        16, ge=1, description="texts per forward pass: a batch is sorted by length and run in passes of this many "
-        "(less padding; 16 measured best on a CPU, docs/BENCHMARKS.md)"
+        16, ge=1, description="most texts per forward pass: a batch is sorted by token count and cut into passes "
+        "of at most this many, each padded to its own longest text, where the padding saved pays for another pass "
+        "(Student.batches; 16 measured best on a CPU, 64 no better, docs/BENCHMARKS.md)"
     )
     batch_within_s: float = Field(
-        0.01, gt=0, description="max seconds to wait while filling a batch (Faust waits this long after every batch "
-        "that is not full: it adds to the latency at low rates, docs/BENCHMARKS.md)"
+        0.01, gt=0, description="max seconds to wait while filling a batch (Faust's take waits this long for a batch "
+        "that is not full; what arrives while the worker infers is read ahead and handed over at once). 0.002: "
+        "lower latency at low rates, no better at 50% load, docs/BENCHMARKS.md"
     )
     low_conf_threshold: float = Field(0.5, ge=0, le=1, description="max probability below this -> teacher")
     margin_threshold: float = Field(0.0, ge=0, le=1, description="top1 - top2 below this -> teacher (0 = off)")
