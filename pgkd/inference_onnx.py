@@ -18,7 +18,9 @@ counts at the small batches a lightly loaded stream makes.
 The graph is built when a version is loaded (seconds of CPU: the export, then
 the quantizer). Workers build it in a child process (:func:`build_in_child`, this
 module's ``main``) so that none of that Python holds their GIL, and load only the
-finished graph; in-process callers use :func:`export_forward`. Nothing is written
+finished graph; in-process callers use :func:`export_forward`. The child dies
+with its worker (``PR_SET_PDEATHSIG``), and a build directory that a killed
+worker left behind is removed by a later build (:func:`sweep_stale_builds`). Nothing is written
 to the model store, so the registry still holds safetensors only. A model that
 does not export faithfully, or a machine without ``onnxruntime``/``onnx``,
 raises :class:`OnnxError` and the worker serves the TorchScript graph instead
@@ -33,9 +35,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +48,8 @@ import torch
 
 from pgkd.inference_opt import TRACE_EXAMPLE, TRACE_TOLERANCE, GraphError, _Logits, check_graph
 
+log = logging.getLogger(__name__)
+
 OPSET = 17
 # int8 logits differ from fp32 by the quantization error (a few % of their scale on
 # MiniLM); this catches a broken graph (NaN, wrong inputs), not a point of accuracy,
@@ -51,6 +57,8 @@ OPSET = 17
 INT8_TOLERANCE = 0.5
 LAYER_RE = re.compile(r"/encoder/layer\.(\d+)/")
 CHILD_TIMEOUT_S = 600.0  # a child that builds longer than this is given up (the worker serves torchscript)
+BUILD_DIR_PREFIX = "pgkd-onnx-"  # a worker's temporary build directory (tempfile.gettempdir())
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class OnnxError(GraphError):
@@ -74,7 +82,7 @@ def export_forward(model: torch.nn.Module, encode, quantize: str = "fp32", threa
     """``model`` (eager, fp32, eval mode, on the CPU) as an ONNX Runtime session,
     int8 when ``quantize == "int8"``; OnnxError when it cannot be built or its
     logits differ from the eager model's."""
-    with tempfile.TemporaryDirectory(prefix="pgkd-onnx-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=BUILD_DIR_PREFIX) as tmp:
         path = Path(tmp) / "model.onnx"
         names = build_onnx(model, encode, quantize, path, threads)
         return OnnxForward(session(path.read_bytes(), threads), names)
@@ -163,10 +171,11 @@ def build_in_child(model_dir: Path, quantize: str, threads: int, nice: int = 10,
     quantizer never hold this process's GIL, which the worker's event loop and
     inference thread need), then loaded here as a session. OnnxError with the
     child's reason when it fails."""
-    with tempfile.TemporaryDirectory(prefix="pgkd-onnx-") as tmp:
+    sweep_stale_builds(Path(tempfile.gettempdir()), older_than_s=timeout_s + 60)
+    with tempfile.TemporaryDirectory(prefix=BUILD_DIR_PREFIX) as tmp:
         target = Path(tmp) / "model.onnx"
         command = [sys.executable, "-m", "pgkd.inference_onnx", str(model_dir), str(target), "--quantize", quantize,
-                   "--threads", str(threads), "--nice", str(nice)]
+                   "--threads", str(threads), "--nice", str(nice), "--parent", str(os.getpid())]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired:
@@ -184,6 +193,39 @@ def build_in_child(model_dir: Path, quantize: str, threads: int, nice: int = 10,
     return OnnxForward(session(graph, threads), answer["inputs"])
 
 
+def sweep_stale_builds(tmp: Path, older_than_s: float) -> list[Path]:
+    """Remove build directories (``pgkd-onnx-*`` under ``tmp``) left by a worker
+    killed while its child built a graph (a killed worker cleans nothing up).
+    Only those untouched for ``older_than_s``: a live build is killed at the
+    child timeout, so an older directory has no owner. Returns what was removed."""
+    removed = []
+    cutoff = time.time() - older_than_s
+    for path in tmp.glob(BUILD_DIR_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path)
+                removed.append(path)
+    if removed:
+        log.info("removed %d stale ONNX build director%s", len(removed), "y" if len(removed) == 1 else "ies")
+    return removed
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux), so a
+    graph build does not outlive a worker killed mid-build; exit at once if
+    ``parent`` is already gone. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not allowed here: the build still ends at its own pace
+    if os.getppid() != parent:  # the parent died before the prctl: nobody waits for this build
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pgkd.inference_onnx MODEL_DIR TARGET``: build the checked graph
     (what :func:`build_in_child` runs); prints {"sha256", "inputs"} as JSON."""
@@ -198,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=("fp32", "int8"), default="fp32")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--nice", type=int, default=0, help="run at this nice value (or the inherited one, if higher)")
+    p.add_argument("--parent", type=int, help="die with this process (the worker that waits for the graph)")
     args = p.parse_args(argv)
+    if args.parent:
+        die_with_parent(args.parent)
     # a child of a thread at nice 10 starts at 10: +10 more would be 19, which on busy
     # cores gets ~2% of a core and took 30-40 s to build
     if args.nice > os.nice(0):

@@ -1,7 +1,12 @@
 """PGKD_INFERENCE_GRAPH=onnxruntime: the exported graph gives the eager results,
 int8 quantizes the layers it should, and a graph that cannot be built is refused."""
 
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -9,7 +14,14 @@ import pytest
 import torch
 
 from pgkd.errors import ModelError
-from pgkd.inference_onnx import LAYER_RE, OnnxError, export_forward, quantize_onnx
+from pgkd.inference_onnx import (
+    BUILD_DIR_PREFIX,
+    LAYER_RE,
+    OnnxError,
+    export_forward,
+    quantize_onnx,
+    sweep_stale_builds,
+)
 from pgkd.student import Student
 
 LABELS = ["neg", "neu", "pos"]
@@ -120,3 +132,52 @@ def test_without_onnxruntime_the_export_is_refused(student, monkeypatch):
     with pytest.raises(OnnxError, match=r"^onnxruntime is not installed \(pip install onnxruntime onnx\)$"):
         student.optimize_for_inference("int8", "onnxruntime")
     assert student.graph == "eager" and student.quantize == "fp32"  # unchanged: another graph can serve it
+
+
+# --- the child build: it dies with its worker, and what a killed worker left is swept ----------
+
+
+def test_stale_build_directories_are_swept_and_live_ones_kept(tmp_path):
+    stale, live = tmp_path / (BUILD_DIR_PREFIX + "old"), tmp_path / (BUILD_DIR_PREFIX + "new")
+    other = tmp_path / "someone-elses-old-dir"
+    for path in (stale, live, other):
+        path.mkdir()
+        (path / "model.onnx").write_bytes(b"x" * 10)
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    os.utime(other, (hour_ago, hour_ago))
+    assert sweep_stale_builds(tmp_path, older_than_s=660) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_graph_builder_dies_with_the_worker_that_waits_for_it(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    # the "worker": starts a child that calls die_with_parent, then is SIGKILLed
+    worker = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import os, sys, time\\n"
+        "from pgkd.inference_onnx import die_with_parent\\n"
+        "die_with_parent(int(sys.argv[1]))\\n"
+        "open(sys.argv[2], \"w\").write(str(os.getpid()))\\n"
+        "time.sleep(60)', str(os.getpid()), sys.argv[1]])\n"
+        "time.sleep(60)\n"), str(pid_file)])
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child):
+        assert time.monotonic() < deadline, "the builder outlived its worker"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie is dead, waiting for init to reap it
