@@ -129,6 +129,9 @@ def session(model: str | bytes, threads: int | None = None):
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # with 2+ threads ORT's pool spins between runs by default: on a few cores shared with the
+    # event loop and the broker that is CPU taken from them (it changes nothing at 1 thread)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
