@@ -36,7 +36,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 QUANTIZE_MODES = ("fp32", "int8")  # Student.optimize_for_inference / PGKD_INFERENCE_QUANTIZE
 GRAPH_MODES = ("eager", "torchscript", "onnxruntime")  # Student.optimize_for_inference / PGKD_INFERENCE_GRAPH
 # What one forward pass costs beyond its tokens, in tokens: MiniLM-L6 on one CPU thread
-# spends ~0.21 ms per token and ~4 ms (ONNX Runtime) to ~10 ms (TorchScript) per pass
+# spends ~0.21 ms per token and ~1.5-4 ms (ONNX Runtime) to ~10 ms (TorchScript) per pass
 # whatever its size (docs/BENCHMARKS.md, "planned passes"); 16-64 measured alike.
 PASS_OVERHEAD_TOKENS = 24
 TOKENIZE_CHUNK = 4096  # texts tokenized at once by Student.batches (bounds the padded array)
@@ -280,6 +280,7 @@ class Student:
         a pass of its own rather than padding a dozen short ones to its length.
         Which texts share a pass changes nothing in fp32 (padding is masked)."""
         texts = list(texts)
+        left = self.tokenizer.padding_side == "left"
         for offset in range(0, len(texts), TOKENIZE_CHUNK):
             enc = self.tokenizer(texts[offset : offset + TOKENIZE_CHUNK], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="np")
@@ -287,7 +288,6 @@ class Student:
             mask = enc.get("attention_mask")
             lengths = mask.sum(axis=1) if mask is not None else np.full(len(enc["input_ids"]), width)
             order = np.argsort(lengths, kind="stable")
-            left = self.tokenizer.padding_side == "left"
             for start, end in plan_passes(lengths[order].tolist(), batch_size):
                 idx = order[start:end]
                 longest = int(lengths[idx[-1]])
