@@ -313,13 +313,16 @@ def test_random_sigkills_of_every_worker_type_lose_nothing_and_run_no_round_twic
 
         got = collect_sync(env.bootstrap, [t["labels_out"], t["dlq"], t["retrain_requests"]], answered,
                            timeout_s=420, workers=workers)
-        # every retrain request the curator made ends recorded (the trainer may still be busy)
+        # every retrain request the curator made ends recorded (the trainer may still be busy); the
+        # curator first takes in every teacher label (it commits a batch of labels only after closing
+        # the training batch they complete, generation included, and publishing its request)
         deadline = time.monotonic() + 300
         while True:
+            curator_lag = asyncio.run(group_lag(env.bootstrap, f"{prefix}-curator", t["teacher_labels"]))
             requests = collect_sync(env.bootstrap, [t["retrain_requests"]], lambda g: True, timeout_s=30,
                                     linger_s=1).of(t["retrain_requests"])
             pending = {r["request_id"] for r in requests} - {r["request_id"] for r in registry.rounds(1000)}
-            if not pending and requests:
+            if not pending and requests and curator_lag == 0:
                 break
             assert time.monotonic() < deadline, f"retrain requests never recorded: {sorted(pending)}"
             for worker in workers:
