@@ -100,8 +100,7 @@ class Settings(BaseSettings):
     )
     batch_within_s: float = Field(
         0.01, gt=0, description="max seconds to wait while filling a batch (Faust's take waits this long for a batch "
-        "that is not full; what arrives while the worker infers is read ahead and handed over at once). 0.002: "
-        "lower latency at low rates, no better at 50% load, docs/BENCHMARKS.md"
+        "that is not full: it adds to the latency at low rates, docs/BENCHMARKS.md)"
     )
     low_conf_threshold: float = Field(0.5, ge=0, le=1, description="max probability below this -> teacher")
     margin_threshold: float = Field(0.0, ge=0, le=1, description="top1 - top2 below this -> teacher (0 = off)")
