@@ -63,6 +63,7 @@ from aiokafka import AIOKafkaProducer
 from streaming_support import StreamEnv
 
 from pgkd.registry import Registry
+from pgkd.serving import graphs_to_publish
 from pgkd.settings import Settings
 from streams.announce import aannounce_model_update
 
@@ -76,16 +77,19 @@ def log_events(log: str) -> list[tuple[float, str]]:
             for m in STAMPED.finditer(log)]
 
 
-def publish_versions(registry: Registry, model_dir: Path, noise: float, new: int) -> list[str]:
+def publish_versions(registry: Registry, model_dir: Path, noise: float, new: int,
+                     graphs: tuple[str, ...] = ()) -> list[str]:
     """Version A = the model as it is, then ``new`` versions: A with Gaussian noise
     of ``noise`` x the head's weight std added to its head, one seed each (same
-    architecture, other answers)."""
+    architecture, other answers); each with the ONNX graphs ``graphs``, as the
+    trainer stores them."""
     import torch
 
     from pgkd.student import Student
 
     student = Student.load(model_dir, device="cpu")
-    versions = [registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={"bench": "hotswap A"})]
+    versions = [registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={"bench": "hotswap A"},
+                                 graphs=graphs)]
     head = student.model.classifier
     weight = head.weight.detach().clone()
     for seed in range(new):
@@ -93,7 +97,7 @@ def publish_versions(registry: Registry, model_dir: Path, noise: float, new: int
         with torch.no_grad():
             head.weight.copy_(weight + noise * weight.std() * torch.randn(weight.shape, generator=generator))
         versions.append(registry.publish(student, parent=versions[0], round=seed + 1, data={}, metrics={},
-                                         settings={"bench": f"hotswap new {seed}"}))
+                                         settings={"bench": f"hotswap new {seed}"}, graphs=graphs))
     return versions
 
 
@@ -170,7 +174,8 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
                          model_store=workdir / "models", model_poll_s=0, **settings)
     worker_settings = Settings(**{k.removeprefix("PGKD_").lower(): v for k, v in env.env.items()})
     registry = Registry(workdir / "models", redis_url, namespace=env.env["PGKD_APP_ID_PREFIX"])
-    versions = publish_versions(registry, model_dir, args.noise, (args.promotions + 1) // 2)
+    versions = publish_versions(registry, model_dir, args.noise, (args.promotions + 1) // 2,
+                                graphs_to_publish(worker_settings))
     version_a = versions[0]
     registry.promote(version_a, reason="bench: start")
     topic = env.topics["texts_in"]
@@ -293,6 +298,10 @@ def markdown(res: dict) -> str:
     swap_s = summary([x["seconds"] for x in res["swaps"]]) if res["swaps"] else None
     sustained = f" (half of the {res['sustained']:.0f}/s the worker sustained on a backlog just before)" \
         if res["sustained"] else ""
+    prepare = ("the session of the graph stored with the version" if s.get("inference_graph") == "onnxruntime"
+               else f"{s['inference_quantize']}, {s.get('inference_graph', 'eager')}")
+    stored = (f"; every version stored with its {s['inference_quantize']} ONNX graph, as the trainer stores it"
+              if s.get("inference_graph") == "onnxruntime" else "")
     lines = [
         machine_line(res, "the broker (JVM), the worker and this process share the two cores"),
         (f"One classify worker (`pgkd worker classify`) following a registry (model store + pointer in Redis, "
@@ -303,13 +312,14 @@ def markdown(res: dict) -> str:
          f"PGKD_INFERENCE_LANES={s.get('inference_lanes', 1)}, PGKD_BATCH_WITHIN_S={s['batch_within_s']}. "
          f"Version {res['versions'][0]} = {res['model']} (MiniLM-L6, trained head); "
          f"{', '.join(res['versions'][1:])} = the same with its head perturbed (noise {a['noise']} x the weights' "
-         f"std, one seed each). {len(res['promotions'])} promotions, {a['quiet']:.0f} s apart: a new version, then a "
+         f"std, one seed each){stored}. {len(res['promotions'])} promotions, {a['quiet']:.0f} s apart: a new version, then a "
          f"rollback to {res['versions'][0]}, in turn, by Registry.promote + the model.updates "
          f"announcement (what `pgkd models promote` runs). Paced traffic: {res['rate']:.0f} msg/s{sustained}, "
          f"{res['sent']} messages over {res['traffic_s']:.0f} s."),
         "",
-        ("Per promotion: the announcement's time (promote call to the broker's ack), the worker's swap (load, "
-         "checksums, int8, trace, warm-up, on its load thread; or the previous version kept in memory), when the first answer of the new version was sent, the "
+        ("Per promotion: the announcement's time (promote call to the broker's ack), the worker's swap (checksums, "
+         f"load, {prepare}, warm-up, on its load thread; or the previous version kept in memory), when the first "
+         "answer of the new version was sent, the "
          f"longest gap between consecutive answers from the promote call to that answer + {a['margin']:.0f} s "
          "(by Kafka timestamp and by arrival here), and the worker's mean inference time per batch meanwhile:"),
         "",
@@ -338,7 +348,7 @@ def markdown(res: dict) -> str:
         (f"Answers: {res['sent']} sent, {res['answered']} answered by the student, **{res['lost']} lost, "
          f"{res['duplicated']} duplicated**; answers of the old version after the first of the new: "
          f"{res['stale_after_swap']}; dead letters {res['dead_letters']:.0f}, refused versions "
-         f"{res['load_failures']:.0f}. Swap (load + verify + int8 + trace + warm-up, or the version kept in memory) "
+         f"{res['load_failures']:.0f}. Swap (checksums + load + {prepare} + warm-up, or the version kept in memory) "
          + (f"{fmt(swap_s, 1)} s" if swap_s else "not found in the log")
          + f"; inference per batch outside the windows {fmt(quiet_ms)} ms."),
     ]

@@ -15,16 +15,22 @@ which cost a point of Banking77 accuracy; ONNX Runtime's int8 MatMuls take full
 it runs, like the TorchScript graph, and its per-op overhead is lower, which
 counts at the small batches a lightly loaded stream makes.
 
-The graph is built when a version is loaded (seconds of CPU: the export, then
-the quantizer). Workers build it in a child process (:func:`build_in_child`, this
-module's ``main``) so that none of that Python holds their GIL, and load only the
-finished graph; in-process callers use :func:`export_forward`. The child dies
-with its worker (``PR_SET_PDEATHSIG``), and a build directory that a killed
-worker left behind is removed by a later build (:func:`sweep_stale_builds`). Nothing is written
-to the model store, so the registry still holds safetensors only. A model that
-does not export faithfully, or a machine without ``onnxruntime``/``onnx``,
-raises :class:`OnnxError` and the worker serves the TorchScript graph instead
-(:mod:`pgkd.serving`).
+The graph is built once, when a version is published (:func:`add_graph`, called by
+:meth:`pgkd.registry.Registry.publish` for the trainer, ``pgkd models import`` and
+the demo): it is stored in the version as ``onnx/model.<quantize>.onnx``, with its
+sha256 in the manifest like every other file, so a worker that serves it verifies
+and loads only a session (:func:`load_graph`, ~0.15 s for MiniLM). An ONNX file is
+a protobuf graph of operators and weights, not code: loading it runs nothing of
+its author's. A version without the graph (published before, by a publisher with
+other settings, or whose build failed), or one this runtime cannot load, is built
+when it is loaded, as before: in a child process (:func:`build_in_child`, this
+module's ``main``; ~20 s on 2 cores) so that none of that Python holds the
+worker's GIL. The child dies with its worker (``PR_SET_PDEATHSIG``), and a build
+directory that a killed worker left behind is removed by a later build
+(:func:`sweep_stale_builds`). In-process callers use :func:`export_forward`. A
+model that does not export faithfully, or a machine without
+``onnxruntime``/``onnx``, raises :class:`OnnxError` and the worker serves the
+TorchScript graph instead (:mod:`pgkd.serving`).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from pathlib import Path
 import torch
 
 from pgkd.inference_opt import TRACE_EXAMPLE, TRACE_TOLERANCE, GraphError, _Logits, check_graph
+from pgkd.registry import graph_file
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +176,18 @@ def quantize_onnx(source: Path, target: Path, layers: int | None) -> int:
 def build_in_child(model_dir: Path, quantize: str, threads: int, nice: int = 10,
                    timeout_s: float = CHILD_TIMEOUT_S) -> OnnxForward:
     """The served graph of the :meth:`pgkd.student.Student.save` directory
-    ``model_dir``, built by ``python -m pgkd.inference_onnx`` in a child process
-    running at nice value ``nice`` (its own interpreter: the export and the
-    quantizer never hold this process's GIL, which the worker's event loop and
-    inference thread need), then loaded here as a session. OnnxError with the
-    child's reason when it fails."""
+    ``model_dir``, built by :func:`build_graph_in_child`, loaded here as a session."""
+    graph, names = build_graph_in_child(model_dir, quantize, threads, nice, timeout_s)
+    return OnnxForward(session(graph, threads), names)
+
+
+def build_graph_in_child(model_dir: Path, quantize: str, threads: int = 1, nice: int = 10,
+                         timeout_s: float = CHILD_TIMEOUT_S) -> tuple[bytes, tuple[str, ...]]:
+    """The checked graph of the :meth:`pgkd.student.Student.save` directory
+    ``model_dir`` and its input names, built by ``python -m pgkd.inference_onnx`` in
+    a child process running at nice value ``nice`` (its own interpreter: the export
+    and the quantizer never hold this process's GIL, which a worker's event loop
+    and inference thread need). OnnxError with the child's reason when it fails."""
     sweep_stale_builds(Path(tempfile.gettempdir()), older_than_s=timeout_s + 60)
     with tempfile.TemporaryDirectory(prefix=BUILD_DIR_PREFIX) as tmp:
         target = Path(tmp) / "model.onnx"
@@ -193,7 +207,46 @@ def build_in_child(model_dir: Path, quantize: str, threads: int, nice: int = 10,
             raise OnnxError(f"the ONNX graph builder gave no graph: {_first_line(err)}") from None
         if hashlib.sha256(graph).hexdigest() != answer.get("sha256"):
             raise OnnxError("the built ONNX graph does not match the checksum its builder reported")
-    return OnnxForward(session(graph, threads), answer["inputs"])
+    return graph, tuple(answer["inputs"])
+
+
+# --- graphs stored with a version (built when it is published) ---------------------------
+
+
+def add_graph(model_dir: Path, quantize: str, threads: int = 1) -> dict:
+    """Build the checked graph of the saved student in ``model_dir`` (in a child
+    process, from the files just written) and store it there as
+    :func:`graph_file`; returns its manifest entry (``graphs[quantize]``).
+    OnnxError when it cannot be built; nothing is left in ``model_dir`` then."""
+    import onnxruntime
+
+    started = time.perf_counter()
+    graph, names = build_graph_in_child(model_dir, quantize, threads)
+    target = model_dir / graph_file(quantize)
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes(graph)
+    log.info("built the %s ONNX graph of %s in %.1fs (%.0f MB)", quantize, model_dir.name,
+             time.perf_counter() - started, len(graph) / 1e6)
+    return {"file": graph_file(quantize), "inputs": list(names), "opset": OPSET,
+            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+
+
+def load_graph(model_dir: Path, entry: Mapping, threads: int) -> OnnxForward:
+    """A session of the graph a version stores (``entry``: its manifest's
+    ``graphs[quantize]``; the caller has verified its checksum). It was checked
+    against the eager model when it was built, so only the session loads here:
+    ~0.15 s for MiniLM against ~20 s to build it. OnnxError when it does not load
+    or its inputs are not the ones the entry names."""
+    try:
+        forward = OnnxForward(session(str(model_dir / entry["file"]), threads), entry["inputs"])
+        inputs = [i.name for i in forward.session.get_inputs()]
+    except OnnxError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a graph this runtime cannot load: build one instead
+        raise OnnxError(f"the stored ONNX graph does not load: {type(err).__name__}: {_first_line(err)}") from None
+    if sorted(inputs) != sorted(forward.names):
+        raise OnnxError(f"the stored ONNX graph takes {inputs}, its manifest says {list(forward.names)}")
+    return forward
 
 
 def sweep_stale_builds(tmp: Path, older_than_s: float) -> list[Path]:

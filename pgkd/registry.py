@@ -1,8 +1,9 @@
 """The model registry: stored versions on disk, which one serves in Redis.
 
 A version is a directory of the model store (``models/v0003/``, layout in
-``models/README.md``): what :meth:`Student.save` writes plus ``manifest.json``
-with the sha256 of every file. It is written under ``.tmp-<uuid>/`` and renamed
+``models/README.md``): what :meth:`Student.save` writes, the prebuilt ONNX
+Runtime graphs a publisher was asked for (``onnx/``), and ``manifest.json`` with
+the sha256 of every file. It is written under ``.tmp-<uuid>/`` and renamed
 into place only when complete, so a reader never sees half a version, and a
 crash leaves only a ``.tmp-*`` directory that is never listed.
 
@@ -37,7 +38,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,7 @@ VERSION_RE = re.compile(r"^v(\d{4,})\Z")  # \Z: "$" would also match before a fi
 OUTCOMES = ("promoted", "rejected", "failed")
 STACK_DEPTH = 1000  # how many promotions back a rollback can go
 _CHUNK = 1 << 20
+GRAPH_DIR = "onnx"  # a version's prebuilt ONNX Runtime graphs (graph_file)
 
 
 def redact_url(url: str) -> str:
@@ -87,6 +89,34 @@ def redact_url(url: str) -> str:
 
 # query parameters whose values are credentials (password=, api-key=, api_key=, token=, sig=, secret=, ...)
 _CREDENTIAL_PARAM = re.compile(r"((?:^|&)[^=&]*(?:password|passwd|key|token|secret|sig)[^=&]*)=[^&]*", re.IGNORECASE)
+
+
+def graph_file(quantize: str) -> str:
+    """Where a version directory keeps its prebuilt graph for ``quantize``.
+
+    >>> graph_file("int8")
+    'onnx/model.int8.onnx'
+    """
+    if quantize not in ("fp32", "int8"):
+        raise ValueError(f"quantize must be fp32 or int8, got {quantize!r}")
+    return f"{GRAPH_DIR}/model.{quantize}.onnx"
+
+
+def stored_graph(manifest: dict, quantize: str) -> dict | None:
+    """The entry of a version's prebuilt ``quantize`` ONNX graph (``manifest["graphs"]``),
+    or None when it has none: one whose file is not where :func:`graph_file` puts it,
+    or is not checksummed by the manifest, does not count.
+
+    >>> m = {"files": {"onnx/model.int8.onnx": "ab12"},
+    ...      "graphs": {"int8": {"file": "onnx/model.int8.onnx", "inputs": ["input_ids"]}}}
+    >>> stored_graph(m, "int8")["inputs"], stored_graph(m, "fp32")
+    (['input_ids'], None)
+    """
+    entry = (manifest.get("graphs") or {}).get(quantize) if isinstance(manifest.get("graphs"), dict) else None
+    if (not isinstance(entry, dict) or entry.get("file") != graph_file(quantize)
+            or entry["file"] not in manifest.get("files", {}) or not isinstance(entry.get("inputs"), list)):
+        return None
+    return entry
 
 
 def sha256_file(path: Path) -> str:
@@ -186,15 +216,21 @@ class Registry:
         metrics: dict,
         settings: dict,
         drift_reference: dict | None = None,
+        graphs: Sequence[str] = (),
     ) -> str:
         """Store ``student`` as a new version and return its name. It does not serve
         until :meth:`promote`. ``drift_reference`` (``pgkd.drift``: the version's
-        validation predictions) is the baseline the classifiers' drift monitor uses."""
+        validation predictions) is the baseline the classifiers' drift monitor uses.
+        ``graphs`` (``"int8"``/``"fp32"``): the ONNX Runtime graphs to build from the
+        stored weights and keep with them (checked, checksummed, listed under the
+        manifest's ``graphs``), so that workers serving them load a session instead
+        of building one; one that cannot be built is left out (logged)."""
         return self._publish(student.save, parent=parent, round=round, data=data, metrics=metrics, settings=settings,
-                             drift_reference=drift_reference)
+                             drift_reference=drift_reference, graphs=graphs)
 
     def _publish(
-        self, write: Callable[[Path], None], *, parent, round, data, metrics, settings, drift_reference=None
+        self, write: Callable[[Path], None], *, parent, round, data, metrics, settings, drift_reference=None,
+        graphs: Sequence[str] = (),
     ) -> str:
         if parent is not None:
             version_number(parent)
@@ -204,6 +240,7 @@ class Registry:
         tmp = self.store / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
             write(tmp)
+            built = _add_graphs(tmp, graphs)
             files = {name: sha256_file(tmp / name) for name in _files(tmp) if name != MANIFEST_FILE}
             for name in files:
                 _fsync_file(tmp / name)
@@ -221,6 +258,8 @@ class Registry:
                 }
                 if drift_reference is not None:
                     manifest["drift_reference"] = drift_reference
+                if built:
+                    manifest["graphs"] = built
                 _write_durably(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2, default=_json_default) + "\n")
                 _fsync_dir(tmp)
                 if _rename_new(tmp, self.store / version):
@@ -235,16 +274,19 @@ class Registry:
         log.info("published %s (parent %s, round %d) in %s", version, parent, round, self.store)
         return version
 
-    def import_dir(self, src: str | Path, *, parent: str | None = None, round: int = 0) -> str:
+    def import_dir(self, src: str | Path, *, parent: str | None = None, round: int = 0,
+                   graphs: Sequence[str] = ()) -> str:
         """Publish a directory written by ``pgkd train``/``pgkd distill``/``Student.save``
         (e.g. ``runs/x/model``) as a new version: how a deployment gets its first one.
-        Metrics, data counts and settings come from a ``report.json`` beside it, if any."""
+        Metrics, data counts and settings come from a ``report.json`` beside it, if any;
+        ``graphs`` as in :meth:`publish`."""
         from pgkd.student import Student  # torch only when a model is really read
 
         src = Path(src)
         student = Student.load(src, device="cpu")  # refuses anything that is not a safetensors student
         data, metrics, settings = _report_beside(src)
-        return self.publish(student, parent=parent, round=round, data=data, metrics=metrics, settings=settings)
+        return self.publish(student, parent=parent, round=round, data=data, metrics=metrics, settings=settings,
+                            graphs=graphs)
 
     def manifest(self, version: str) -> dict:
         """The version's manifest.json (read, not verified)."""
@@ -472,6 +514,24 @@ return 0
 def _entry(action: str, version: str, previous: str | None, reason: str, round: int | None) -> dict:
     return {"action": action, "version": version, "previous": previous, "reason": reason, "round": round,
             "ts": time.time()}
+
+
+def _add_graphs(model_dir: Path, graphs: Sequence[str]) -> dict:
+    """Build the ONNX graphs ``graphs`` asks for into the unpublished ``model_dir``:
+    their manifest entries by quantize mode (those that could not be built are left
+    out, with a warning: workers serving them build their own, as before)."""
+    if not graphs:
+        return {}
+    from pgkd.inference_onnx import OnnxError, add_graph  # torch only when a graph is asked for
+
+    built = {}
+    for quantize in dict.fromkeys(graphs):
+        try:
+            built[quantize] = add_graph(model_dir, quantize)
+        except OnnxError as err:
+            log.warning("publishing without the %s ONNX graph (%s); workers serving it will build their own",
+                        quantize, err)
+    return built
 
 
 def _files(root: Path) -> list[str]:

@@ -1,6 +1,6 @@
 """``pgkd models ...``: the operator's view of the model registry.
 
-list | show V | promote V | rollback | rounds | history | import DIR [--promote]
+list | show V | promote V | rollback | rounds | history | import DIR [--promote] [--onnx Q]
 
 Settings come from the environment (``PGKD_MODEL_STORE``, ``PGKD_REDIS_URL``,
 ``PGKD_APP_ID_PREFIX``). Errors are one line and exit 2 (``pgkd.cli.main``).
@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 
 from pgkd.errors import ModelIntegrityError
 from pgkd.registry import Registry
+from pgkd.serving import graphs_to_publish
 from pgkd.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ def add_models_parser(sub) -> None:
     p.add_argument("dir", help="e.g. runs/x/model (a report.json beside it supplies the metrics)")
     p.add_argument("--promote", action="store_true", help="also make it current")
     p.add_argument("--reason", default=None, help="reason recorded with --promote")
+    p.add_argument("--onnx", choices=("auto", "none", "fp32", "int8"), default="auto",
+                   help="ONNX Runtime graph to build and store with the version, so workers load it instead of "
+                   "building it (auto: the one PGKD_INFERENCE_GRAPH/PGKD_INFERENCE_QUANTIZE serve, if onnxruntime)")
     p.set_defaults(func=cmd_import)
 
 
@@ -165,8 +169,15 @@ def cmd_import(args) -> int:
     settings = load_settings()
     with Registry.from_settings(settings) as registry:
         registry.current()  # fail on an unreachable Redis before the slow part
-        version = registry.import_dir(args.dir)
-        print(f"imported {args.dir} as {version} in {registry.store}")
+        graphs = graphs_to_publish(settings) if args.onnx == "auto" else () if args.onnx == "none" else (args.onnx,)
+        version = registry.import_dir(args.dir, graphs=graphs)
+        stored = sorted(registry.manifest(version).get("graphs", {}))
+        print(f"imported {args.dir} as {version} in {registry.store}"
+              + (f" with the {'/'.join(stored)} ONNX graph" if stored else ""))
+        missing = sorted(set(graphs) - set(stored))
+        if missing:
+            print(f"warning: the {'/'.join(missing)} ONNX graph could not be built (see the log); "
+                  "workers serving it build their own", file=sys.stderr)
         if not args.promote:
             return 0
         entry = registry.promote(version, reason=args.reason or f"import of {args.dir}", round=0)

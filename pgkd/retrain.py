@@ -128,6 +128,7 @@ class RoundConfig:
     mode: str  # "head" | "full"
     train: TrainConfig
     gate: GateConfig
+    graphs: tuple[str, ...] = ()  # ONNX Runtime graphs to store with each candidate (pgkd.serving.graphs_to_publish)
 
     @classmethod
     def from_settings(cls, settings: Settings, cuda: bool | None = None) -> RoundConfig:
@@ -147,7 +148,9 @@ class RoundConfig:
             device=settings.trainer_device or None,
             progress=False,
         )
-        return cls(mode, train, GateConfig.from_settings(settings))
+        from pgkd.serving import graphs_to_publish
+
+        return cls(mode, train, GateConfig.from_settings(settings), graphs_to_publish(settings))
 
 
 def score(student: Student, data: LabelledTexts) -> tuple[dict, np.ndarray]:
@@ -217,6 +220,7 @@ def run_round(
                   "device": fit.device, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run},
         # the drift monitor's baseline: this version's predictions on the gold validation set
         drift_reference=reference_from_predictions(cand_probs, candidate.labels).to_dict(),
+        graphs=cfg.graphs,  # built from the stored weights, so a swap loads a session instead of building one
     )
     on_published(version)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgkd.errors import ConfigError, ModelError, RegistryUnavailable
-from pgkd.registry import MANIFEST_FILE, Registry
+from pgkd.registry import MANIFEST_FILE, Registry, stored_graph
 
 if TYPE_CHECKING:
     from pgkd.settings import Settings
@@ -95,12 +95,26 @@ def load_version(settings: Settings, version: str) -> ServingModel:
     swap's loader). ModelIntegrityError when a file does not match its checksum."""
     with Registry.from_settings(settings) as registry:
         path = registry.path(version)
-        if settings.inference_graph == "onnxruntime":
-            registry.verify(version)  # the graph builder reads the files verified here
-        student = _prepared(path, settings, lambda: registry.load(version))
+        graph = None
+        if settings.inference_graph == "onnxruntime":  # the stored graph or the graph builder reads files verified here
+            graph = stored_graph(registry.verify(version), settings.inference_quantize)
+        student = _prepared(path, settings, lambda: registry.load(version), graph)
     log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
              student.device, student.quantize, student.graph)
     return ServingModel(student=student, version=version, path=path)
+
+
+def graphs_to_publish(settings: Settings) -> tuple[str, ...]:
+    """The prebuilt graphs a new version should carry for workers with these settings
+    (:meth:`pgkd.registry.Registry.publish`): the ONNX Runtime graph they serve, if any.
+
+    >>> from pgkd.settings import Settings
+    >>> graphs_to_publish(Settings(inference_graph="onnxruntime", inference_quantize="int8"))
+    ('int8',)
+    >>> graphs_to_publish(Settings(inference_graph="torchscript"))
+    ()
+    """
+    return (settings.inference_quantize,) if settings.inference_graph == "onnxruntime" else ()
 
 
 def prepare(student: Student, settings: Settings, graph: str | None = None) -> Student:
@@ -117,21 +131,31 @@ def prepare(student: Student, settings: Settings, graph: str | None = None) -> S
     return student
 
 
-def _prepared(path: Path, settings: Settings, load: Callable[[], Student]) -> Student:
+def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph: dict | None = None) -> Student:
     """The student of the verified directory ``path``, ready to serve as the settings
-    ask. onnxruntime: the graph is built by a child process (the export and the
-    quantizer are seconds of Python that would hold this worker's GIL) and only
-    the session and tokenizer load here; when that fails, torchscript (logged).
-    The other graphs: ``load()`` the torch model here, then :func:`prepare`."""
+    ask. onnxruntime: the session of the version's stored graph (``graph``, its
+    manifest entry: built when the version was published) loads here, with the
+    tokenizer; without one, the graph is built by a child process (the export and
+    the quantizer are ~20 s of Python that would hold this worker's GIL); when both
+    fail, torchscript (logged). The other graphs: ``load()`` the torch model here,
+    then :func:`prepare`."""
     if settings.inference_graph != "onnxruntime":
         return prepare(load(), settings)
     import torch
 
-    from pgkd.inference_onnx import OnnxError, build_in_child
+    from pgkd.inference_onnx import OnnxError, build_in_child, load_graph
     from pgkd.student import Student
 
+    threads = settings.torch_threads or torch.get_num_threads()
     try:
-        forward = build_in_child(path, settings.inference_quantize, settings.torch_threads or torch.get_num_threads())
+        forward = None
+        if graph is not None:
+            try:
+                forward = load_graph(path, graph, threads)
+            except OnnxError as err:
+                log.warning("the stored ONNX graph of %s is not served (%s); building one", path.name, err)
+        if forward is None:
+            forward = build_in_child(path, settings.inference_quantize, threads)
         return Student.served_by(path, forward, settings.inference_quantize, "onnxruntime")
     except OnnxError as err:
         log.warning("PGKD_INFERENCE_GRAPH=onnxruntime refused for this model (%s); serving torchscript", err)

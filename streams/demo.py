@@ -264,6 +264,7 @@ def seed_version(settings, splits, seed: int) -> tuple[str, dict]:
     publish it as round 0 and make it current."""
     from pgkd.registry import Registry
     from pgkd.retrain import score
+    from pgkd.serving import graphs_to_publish
     from pgkd.student import Student
     from pgkd.training import TrainConfig, train_head
 
@@ -276,7 +277,8 @@ def seed_version(settings, splits, seed: int) -> tuple[str, dict]:
     with Registry.from_settings(settings) as registry:
         version = registry.publish(student, parent=None, round=0,
                                    data={"train": len(splits.train), "val": len(splits.val)}, metrics=report,
-                                   settings={"mode": "head", "train": cfg.__dict__, "device": fit.device})
+                                   settings={"mode": "head", "train": cfg.__dict__, "device": fit.device},
+                                   graphs=graphs_to_publish(settings))
         registry.promote(version, reason="demo: the seed model", round=0)
     say(f"seed model {version}: head fitted on {len(splits.train)} texts in {time.perf_counter() - started:.0f}s, "
         f"validation accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}")

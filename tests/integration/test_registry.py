@@ -356,6 +356,75 @@ def test_an_unreachable_redis_falls_back_to_serve_model(env, student, tmp_path, 
     assert "serving PGKD_SERVE_MODEL=" in caplog.text
 
 
+# --- ONNX Runtime graphs stored with a version ---------------------------------------------
+
+
+def test_a_published_graph_serves_without_a_build_and_a_tampered_one_is_refused(env, registry, student, store,
+                                                                                monkeypatch):
+    import pgkd.inference_onnx
+
+    version = registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={}, graphs=("int8",))
+    manifest = json.loads((store / version / "manifest.json").read_text())
+    graph = store / version / "onnx" / "model.int8.onnx"
+    assert manifest["files"]["onnx/model.int8.onnx"] == sha256(graph)
+    entry = manifest["graphs"]["int8"]
+    assert (entry["file"], entry["inputs"], entry["opset"]) == ("onnx/model.int8.onnx", list(student.encode(["x"])), 17)
+    registry.promote(version, reason="seed")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the worker built a graph the version stores")
+
+    monkeypatch.setattr(pgkd.inference_onnx, "build_graph_in_child", no_build)
+    env.setenv("PGKD_INFERENCE_GRAPH", "onnxruntime")
+    env.setenv("PGKD_INFERENCE_QUANTIZE", "int8")
+    served = load_serving_model(load_settings())
+    assert (served.version, served.student.graph, served.student.quantize) == (version, "onnxruntime", "int8")
+    assert served.student.model is None  # only the session and the tokenizer
+    texts = ["my card is lost", "refund please, it has been a week"]
+    reference = pgkd.inference_onnx.session(str(graph), 1)
+    encoding = student.encode(texts)
+    logits = reference.run(None, {n: encoding[n].numpy() for n in entry["inputs"]})[0]
+    import numpy as np
+
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    assert np.allclose(served.student.predict_proba(texts), expected / expected.sum(1, keepdims=True), atol=1e-5)
+    assert np.abs(served.student.predict_proba(texts) - student.predict_proba(texts)).max() < 0.05
+
+    flip_byte(graph)
+    with pytest.raises(ModelIntegrityError, match=r"^v0001 refused: onnx/model\.int8\.onnx does not match its sha256"):
+        load_version(load_settings(), version)
+
+
+def test_a_graph_that_cannot_be_built_is_left_out_and_the_version_still_publishes(registry, student, store,
+                                                                                  monkeypatch, caplog):
+    import pgkd.inference_onnx
+
+    def refuse(*args, **kwargs):
+        raise pgkd.inference_onnx.OnnxError("ONNX export failed: RuntimeError: unsupported operator")
+
+    monkeypatch.setattr(pgkd.inference_onnx, "build_graph_in_child", refuse)
+    version = registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={}, graphs=("int8",))
+    manifest = registry.verify(version)
+    assert "graphs" not in manifest and not (store / version / "onnx").exists()
+    assert "publishing without the int8 ONNX graph (ONNX export failed: RuntimeError: unsupported operator)" in caplog.text
+
+
+def test_a_stored_graph_this_runtime_cannot_load_is_rebuilt(env, registry, student, store, monkeypatch, caplog):
+    """A graph the worker's ONNX Runtime refuses (here: not a graph at all, with its
+    checksum in the manifest, as a newer exporter's opset would be) is built again."""
+    import pgkd.inference_onnx
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pgkd.inference_onnx, "build_graph_in_child", lambda *a, **kw: (b"not a graph", ("input_ids",)))
+        version = registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={}, graphs=("int8",))
+    env.setenv("PGKD_INFERENCE_GRAPH", "onnxruntime")
+    env.setenv("PGKD_INFERENCE_QUANTIZE", "int8")
+    served = load_version(load_settings(), version)
+    assert served.student.graph == "onnxruntime"
+    assert f"the stored ONNX graph of {version} is not served (the stored ONNX graph does not load" in caplog.text
+    assert served.student.predict_proba(["my card is lost"]).shape == (1, 3)
+
+
 # --- pgkd models ------------------------------------------------------------------------
 
 
@@ -422,6 +491,38 @@ def test_cli_import_promote_list_show_rollback(env, capsys, student, tmp_path, s
     shown = json.loads(out)
     assert code == 1 and shown["verified"] is False
     assert shown["problem"].startswith("v0002 refused: model.safetensors does not match its sha256")
+
+
+def test_cli_import_stores_the_onnx_graph_asked_for(env, capsys, student, tmp_path, store, monkeypatch):
+    import pgkd.inference_onnx
+
+    built = []
+    monkeypatch.setattr(pgkd.inference_onnx, "build_graph_in_child",
+                        lambda model_dir, quantize, *a, **kw: built.append(quantize) or (b"graph", ("input_ids",)))
+    student.save(tmp_path / "model")
+    code, out, err = run(capsys, "models", "import", str(tmp_path / "model"))
+    assert (code, built) == (0, []), err  # auto: the default settings serve torchscript
+    env.setenv("PGKD_INFERENCE_GRAPH", "onnxruntime")
+    env.setenv("PGKD_INFERENCE_QUANTIZE", "int8")
+    code, out, err = run(capsys, "models", "import", str(tmp_path / "model"))
+    assert (code, built, out) == (0, ["int8"], f"imported {tmp_path / 'model'} as v0002 in {store} "
+                                               "with the int8 ONNX graph\n"), err
+    code, out, err = run(capsys, "models", "import", str(tmp_path / "model"), "--onnx", "none")
+    assert (code, built) == (0, ["int8"]) and "graphs" not in json.loads((store / "v0003" / "manifest.json").read_text())
+    code, out, err = run(capsys, "models", "import", str(tmp_path / "model"), "--onnx", "fp32")
+    assert (code, built) == (0, ["int8", "fp32"])
+    assert (store / "v0004" / "onnx" / "model.fp32.onnx").read_bytes() == b"graph"
+
+    monkeypatch.setattr(pgkd.inference_onnx, "build_graph_in_child", _refuse_to_build)
+    code, out, err = run(capsys, "models", "import", str(tmp_path / "model"), "--onnx", "int8")
+    assert code == 0 and out.endswith("as v0005 in " + str(store) + "\n")
+    assert err == "warning: the int8 ONNX graph could not be built (see the log); workers serving it build their own\n"
+
+
+def _refuse_to_build(*args, **kwargs):
+    import pgkd.inference_onnx
+
+    raise pgkd.inference_onnx.OnnxError("no")
 
 
 def test_cli_rounds(env, capsys, registry):

@@ -55,6 +55,23 @@ def test_a_round_runs_once_and_a_redelivery_is_skipped(setup):
     assert [r["round"] for r in registry.rounds()] == [1]
 
 
+def test_a_candidate_carries_the_graph_the_workers_serve(setup, monkeypatch):
+    import dataclasses
+
+    import pgkd.inference_onnx
+
+    registry, ledger, runner, seed = setup
+    built = []
+    monkeypatch.setattr(pgkd.inference_onnx, "build_graph_in_child",  # the real build: tests/integration/test_registry
+                        lambda model_dir, quantize, *a, **kw: built.append(model_dir) or (b"graph", ("input_ids",)))
+    runner.cfg = dataclasses.replace(runner.cfg, graphs=("int8",))
+    result = runner.process(request(1), [])
+    candidate = result.record["candidate"]
+    manifest = registry.verify(candidate)
+    assert manifest["graphs"]["int8"]["file"] == "onnx/model.int8.onnx" and "onnx/model.int8.onnx" in manifest["files"]
+    assert len(built) == 1 and built[0].parent == registry.store  # built from the files being published
+
+
 def test_an_exception_mid_round_is_recorded_as_failed(setup, monkeypatch):
     registry, ledger, runner, seed = setup
 

@@ -77,6 +77,12 @@ def test_round_config_mode_and_learning_rate():
     assert RoundConfig.from_settings(Settings(gate_max_accuracy_drop=0.2)).gate.max_accuracy_drop == 0.2
 
 
+def test_round_config_stores_the_graph_the_workers_serve():
+    assert RoundConfig.from_settings(Settings(inference_graph="torchscript", inference_quantize="int8")).graphs == ()
+    onnx = RoundConfig.from_settings(Settings(inference_graph="onnxruntime", inference_quantize="int8"))
+    assert onnx.graphs == ("int8",)
+
+
 def test_seed_data_names_the_missing_setting():
     with pytest.raises(ConfigError, match="PGKD_SEED_TRAIN is not set"):
         SeedData.from_settings(Settings())

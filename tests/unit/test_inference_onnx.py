@@ -18,7 +18,9 @@ from pgkd.inference_onnx import (
     BUILD_DIR_PREFIX,
     LAYER_RE,
     OnnxError,
+    build_onnx,
     export_forward,
+    load_graph,
     quantize_onnx,
     sweep_stale_builds,
 )
@@ -132,6 +134,25 @@ def test_without_onnxruntime_the_export_is_refused(student, monkeypatch):
     with pytest.raises(OnnxError, match=r"^onnxruntime is not installed \(pip install onnxruntime onnx\)$"):
         student.optimize_for_inference("int8", "onnxruntime")
     assert student.graph == "eager" and student.quantize == "fp32"  # unchanged: another graph can serve it
+
+
+def test_a_stored_graph_loads_as_it_was_built_and_refuses_what_it_cannot_serve(student, tmp_path):
+    student.model.eval()
+    (tmp_path / "onnx").mkdir()
+    names = build_onnx(student.model, student.encode, "int8", tmp_path / "onnx" / "model.int8.onnx", threads=1)
+    entry = {"file": "onnx/model.int8.onnx", "inputs": list(names)}
+    forward = load_graph(tmp_path, entry, threads=1)
+    encoding = student.encode(TEXTS)
+    with torch.no_grad():
+        eager = student.model(**encoding).logits
+    assert forward.names == tuple(names) and (forward(encoding) - eager).abs().max() < 0.5  # int8: INT8_TOLERANCE
+
+    with pytest.raises(OnnxError, match=r"^the stored ONNX graph takes \['input_ids', 'token_type_ids', "
+                                        r"'attention_mask'\], its manifest says \['input_ids'\]$"):
+        load_graph(tmp_path, {**entry, "inputs": ["input_ids"]}, threads=1)
+    (tmp_path / "onnx" / "model.int8.onnx").write_bytes(b"not a graph")
+    with pytest.raises(OnnxError, match=r"^the stored ONNX graph does not load: \w+: "):
+        load_graph(tmp_path, entry, threads=1)
 
 
 # --- the child build: it dies with its worker, and what a killed worker left is swept ----------
