@@ -217,9 +217,10 @@ async def backlog(producer, outputs: Outputs, topic: str, prefix: str, texts: li
 
 def worker_args(p, threads_help: str = "torch threads of the worker") -> None:
     """The classify worker's settings and the services, as a stream bench's options."""
-    p.add_argument("--quantize", default="int8", choices=("fp32", "int8"))
-    p.add_argument("--graph", default="torchscript", choices=("eager", "torchscript", "onnxruntime"),
-                   help="PGKD_INFERENCE_GRAPH")
+    p.add_argument("--quantize", default="int8", choices=("fp32", "int8"),
+                   help="PGKD_INFERENCE_QUANTIZE (default: the compose deployment's)")
+    p.add_argument("--graph", default="onnxruntime", choices=("eager", "torchscript", "onnxruntime"),
+                   help="PGKD_INFERENCE_GRAPH (default: the compose deployment's)")
     p.add_argument("--threads", type=int, default=1, help=threads_help)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--inference-batch-size", type=int, default=16, help="PGKD_INFERENCE_BATCH_SIZE")

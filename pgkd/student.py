@@ -158,9 +158,18 @@ class Student:
         return student
 
     def save(self, path: str | Path) -> None:
-        """Write weights (safetensors), tokenizer and ``labels.json`` to ``path``."""
+        """Write weights (safetensors), tokenizer and ``labels.json`` to ``path``.
+
+        The tokenizer is written without the truncation and padding its last call
+        left in the fast backend (every call sets its own again), so that the same
+        tokenizer always writes the same files: a retrained version's tokenizer
+        files then have its parent's checksums."""
         self._check_trainable("saved")
         path = Path(path)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            backend.no_truncation()
+            backend.no_padding()
         try:
             path.mkdir(parents=True, exist_ok=True)
             with _quiet_transformers():

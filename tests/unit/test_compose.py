@@ -150,6 +150,14 @@ def test_app_service_runs_its_worker_from_the_image(name, role):
     assert any(f.get("path") == ".env" and f.get("required") is False for f in service["env_file"])
 
 
+def test_every_role_serves_and_publishes_the_measured_int8_onnxruntime_profile():
+    """The trainer reads the classifiers' serving settings: it stores the graph they load."""
+    for name in ("classifier", "teacher", "curator", "trainer", "trainer-cpu"):
+        env = environment(SERVICES[name])
+        assert env["PGKD_INFERENCE_GRAPH"] == "${PGKD_INFERENCE_GRAPH:-onnxruntime}", name
+        assert env["PGKD_INFERENCE_QUANTIZE"] == "${PGKD_INFERENCE_QUANTIZE:-int8}", name
+
+
 def test_classifier_scales():
     classifier = SERVICES["classifier"]
     assert "container_name" not in classifier and "ports" not in classifier

@@ -302,3 +302,40 @@ def test_a_model_that_cannot_be_traced_is_refused(student):
 
     with pytest.raises(TraceError, match="^torch.jit.trace failed: RuntimeError: an op the tracer does not know$"):
         trace_forward(Unsupported(), student.encode)
+
+
+def test_one_tokenizer_serves_several_threads_at_once(tiny_encoder_dir):
+    """Clones and inference lanes share a student's tokenizer between threads (and a
+    hot swap warms a new version while the old one serves): encoding must stay correct."""
+    import threading
+
+    student = Student.from_pretrained(tiny_encoder_dir, ["a", "b"], max_length=16, device="cpu")
+    texts = [f"text number {i} " + "word " * (i % 9) for i in range(40)]
+    expected = [enc["input_ids"].tolist() for _, enc in student.batches(texts, 4)]
+    errors, wrong = [], []
+
+    def work():
+        for _ in range(50):
+            try:
+                if [enc["input_ids"].tolist() for _, enc in student.batches(texts, 4)] != expected:
+                    wrong.append(1)
+            except Exception as err:  # noqa: BLE001 - e.g. tokenizers' "RuntimeError: Already borrowed"
+                errors.append(repr(err))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (errors[:1], len(wrong)) == ([], 0)
+
+
+def test_the_same_tokenizer_is_saved_as_the_same_files_whatever_it_did_before(tiny_encoder_dir, tmp_path):
+    student = Student.from_pretrained(tiny_encoder_dir, ["a", "b"], max_length=16, device="cpu")
+    student.save(tmp_path / "fresh")
+    student.predict_proba(["a text", "a somewhat longer text"])  # leaves truncation and padding in the backend
+    student.tokenizer(["x"], padding="max_length", max_length=24)
+    student.save(tmp_path / "used")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "fresh" / name).read_bytes() == (tmp_path / "used" / name).read_bytes(), name
+    assert student.encode(["a text", "a somewhat longer text"])["input_ids"].shape == (2, 6)  # calls set their own
