@@ -77,9 +77,11 @@ class Settings(BaseSettings):
     inference_graph: Literal["eager", "torchscript", "onnxruntime"] = Field(
         "torchscript", description="the served forward pass: torchscript (traced once per loaded version and checked "
         "against eager: the same logits, less Python, the GIL released while it runs; a model that does not trace "
-        "faithfully is served eager, with a warning), onnxruntime (exported to ONNX once per loaded version, checked "
-        "against eager, run by ONNX Runtime; with int8 ONNX Runtime quantizes, with full 8-bit inputs also on CPUs "
-        "without VNNI; falls back to torchscript) or eager (transformers' Python forward)"
+        "faithfully is served eager, with a warning), onnxruntime (exported to ONNX and checked against eager when a "
+        "version is published, by a publisher with these settings, and stored in it; else once per loaded version; "
+        "run by ONNX Runtime; with int8 ONNX Runtime quantizes, with full 8-bit inputs also on CPUs without VNNI; "
+        "falls back to torchscript; the compose deployment's choice, with int8) or eager (transformers' Python "
+        "forward)"
     )
 
     # --- classifier agent -----------------------------------------------------
