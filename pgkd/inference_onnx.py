@@ -218,8 +218,10 @@ def add_graph(model_dir: Path, quantize: str, threads: int = 1) -> dict:
     process, from the files just written) and store it there as
     :func:`graph_file`; returns its manifest entry (``graphs[quantize]``).
     OnnxError when it cannot be built; nothing is left in ``model_dir`` then."""
-    import onnxruntime
-
+    try:
+        import onnxruntime
+    except ImportError:
+        raise OnnxError("onnxruntime is not installed (pip install onnxruntime onnx)") from None
     started = time.perf_counter()
     graph, names = build_graph_in_child(model_dir, quantize, threads)
     target = model_dir / graph_file(quantize)

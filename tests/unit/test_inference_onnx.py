@@ -18,6 +18,7 @@ from pgkd.inference_onnx import (
     BUILD_DIR_PREFIX,
     LAYER_RE,
     OnnxError,
+    add_graph,
     build_onnx,
     export_forward,
     load_graph,
@@ -153,6 +154,16 @@ def test_a_stored_graph_loads_as_it_was_built_and_refuses_what_it_cannot_serve(s
     (tmp_path / "onnx" / "model.int8.onnx").write_bytes(b"not a graph")
     with pytest.raises(OnnxError, match=r"^the stored ONNX graph does not load: \w+: "):
         load_graph(tmp_path, entry, threads=1)
+
+
+def test_a_publisher_without_onnxruntime_is_refused_a_graph_and_nothing_is_written(tmp_path, monkeypatch):
+    import pgkd.inference_onnx
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
+    monkeypatch.setattr(pgkd.inference_onnx, "build_graph_in_child", lambda *a, **kw: pytest.fail("built"))
+    with pytest.raises(OnnxError, match=r"^onnxruntime is not installed \(pip install onnxruntime onnx\)$"):
+        add_graph(tmp_path, "int8")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- the child build: it dies with its worker, and what a killed worker left is swept ----------
