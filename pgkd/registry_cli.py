@@ -20,7 +20,7 @@ import sys
 from datetime import UTC, datetime
 
 from pgkd.errors import ModelIntegrityError
-from pgkd.registry import Registry
+from pgkd.registry import Registry, stored_graph
 from pgkd.serving import graphs_to_publish
 from pgkd.settings import Settings, load_settings
 
@@ -82,9 +82,10 @@ def cmd_list(args) -> int:
             print(json.dumps(row))
         return 0
     if rows:
-        print(_table(["", "version", "round", "macro_f1", "accuracy", "parent", "created_at"],
+        print(_table(["", "version", "round", "macro_f1", "accuracy", "parent", "graphs", "created_at"],
                      [["*" if r["current"] else "", r["version"], _num(r["round"]), _f4(r["macro_f1"]),
-                       _f4(r["accuracy"]), r["parent"] or "-", r["created_at"] or r.get("problem", "-")]
+                       _f4(r["accuracy"]), r["parent"] or "-", ",".join(r["graphs"]) or "-",
+                       r["created_at"] or r.get("problem", "-")]
                       for r in rows]))
     else:
         print(f"no versions in the model store {store}")
@@ -216,7 +217,7 @@ def _announce(settings: Settings, entry: dict) -> int:
 
 def _summary(registry: Registry, version: str, current: str | None) -> dict:
     row = {"version": version, "current": version == current, "round": None, "macro_f1": None, "accuracy": None,
-           "parent": None, "created_at": None}
+           "parent": None, "graphs": [], "created_at": None}
     try:
         manifest = registry.manifest(version)
     except ModelIntegrityError as err:
@@ -224,6 +225,8 @@ def _summary(registry: Registry, version: str, current: str | None) -> dict:
     metrics = manifest.get("metrics") or {}
     return {**row, "round": manifest.get("round"), "macro_f1": metrics.get("macro_f1"),
             "accuracy": metrics.get("accuracy"), "parent": manifest.get("parent"),
+            # the prebuilt ONNX Runtime graphs a worker loads instead of building (pgkd.registry.stored_graph)
+            "graphs": [q for q in ("fp32", "int8") if stored_graph(manifest, q)],
             "created_at": manifest.get("created_at")}
 
 

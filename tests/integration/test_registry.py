@@ -465,9 +465,10 @@ def test_cli_import_promote_list_show_rollback(env, capsys, student, tmp_path, s
 
     code, out, _ = run(capsys, "models", "list")
     lines = out.splitlines()
-    assert code == 0 and lines[0].split() == ["version", "round", "macro_f1", "accuracy", "parent", "created_at"]
-    assert lines[1].split()[:6] == ["*", "v0001", "0", "0.7000", "0.7500", "-"]
-    assert lines[2].split()[:5] == ["v0002", "0", "0.7000", "0.7500", "-"]
+    assert code == 0 and lines[0].split() == ["version", "round", "macro_f1", "accuracy", "parent", "graphs",
+                                              "created_at"]
+    assert lines[1].split()[:7] == ["*", "v0001", "0", "0.7000", "0.7500", "-", "-"]
+    assert lines[2].split()[:6] == ["v0002", "0", "0.7000", "0.7500", "-", "-"]
     assert lines[-1] == "current: v0001"
 
     code, out, err = run(capsys, "models", "promote", "v0002", "--reason", "better on val")
@@ -512,6 +513,9 @@ def test_cli_import_stores_the_onnx_graph_asked_for(env, capsys, student, tmp_pa
     code, out, err = run(capsys, "models", "import", str(tmp_path / "model"), "--onnx", "fp32")
     assert (code, built) == (0, ["int8", "fp32"])
     assert (store / "v0004" / "onnx" / "model.fp32.onnx").read_bytes() == b"graph"
+    code, out, err = run(capsys, "models", "list")
+    assert [line.split()[:6:5] for line in out.splitlines()[1:5]] == [
+        ["v0001", "-"], ["v0002", "int8"], ["v0003", "-"], ["v0004", "fp32"]]
 
     monkeypatch.setattr(pgkd.inference_onnx, "build_graph_in_child", _refuse_to_build)
     code, out, err = run(capsys, "models", "import", str(tmp_path / "model"), "--onnx", "int8")
