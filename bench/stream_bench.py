@@ -88,6 +88,10 @@ async def paced(producer: AIOKafkaProducer, outputs: Outputs, worker, topic: str
     return {"rate": rate, "achieved_rate": n / sent_s, "n": n, "batches": batches,
             "mean_batch": texts_n / max(batches, 1), "inference_ms_per_batch": 1000 * inference_s / max(batches, 1),
             "ms_between_batches": 1000 * sent_s / max(batches, 1),
+            # full collections in the worker meanwhile: each stops every thread that needs the GIL
+            "full_gcs": after['pgkd_gc_pause_seconds_count{generation="2"}'] - before['pgkd_gc_pause_seconds_count{generation="2"}'],
+            "full_gc_ms": 1000 * (after['pgkd_gc_pause_seconds_sum{generation="2"}']
+                                  - before['pgkd_gc_pause_seconds_sum{generation="2"}']),
             **{f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)}, "max": float(lat.max()),
             "in_worker": {f"p{q}": float(np.percentile(in_worker, q)) for q in (50, 99)},
             "delivery": {f"p{q}": float(np.percentile(delivery, q)) for q in (50, 99)}}
@@ -127,7 +131,8 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
 
 def worker_counters(worker) -> dict[str, float]:
     m = worker.metrics()
-    keys = ("pgkd_batch_size_sum", "pgkd_batch_size_count", "pgkd_inference_seconds_sum")
+    keys = ("pgkd_batch_size_sum", "pgkd_batch_size_count", "pgkd_inference_seconds_sum",
+            'pgkd_gc_pause_seconds_count{generation="2"}', 'pgkd_gc_pause_seconds_sum{generation="2"}')
     return {k: m.get(k, 0.0) for k in keys}
 
 
@@ -192,6 +197,10 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
                 # texts per second of inference time inside the worker: its model speed while busy
                 "worker_inference_texts_s": n / (after["pgkd_inference_seconds_sum"] - before["pgkd_inference_seconds_sum"]),
                 "cores_used": {k: (cpu_seconds(p) - cpu[k]) / wall for k, p in pids.items()},
+                "full_gcs": after['pgkd_gc_pause_seconds_count{generation="2"}']
+                - before['pgkd_gc_pause_seconds_count{generation="2"}'],
+                "full_gc_ms": 1000 * (after['pgkd_gc_pause_seconds_sum{generation="2"}']
+                                      - before['pgkd_gc_pause_seconds_sum{generation="2"}']),
             }
             spent = sorted((cpu_s - threads_before.get(tid, 0.0) for tid, cpu_s in
                             thread_cpu_seconds(worker.proc.pid).items()), reverse=True)
@@ -201,7 +210,8 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
             x = streams[-1]
             print(f"  round {r + 1}/{args.rounds}: raw {raws[-1]['texts_s']:.0f}/s (batch {raws[-1]['batch']}), "
                   f"stream {x['texts_s']:.0f}/s, mean batch {x['mean_batch']:.1f}, worker inference "
-                  f"{x['worker_inference_texts_s']:.0f}/s, cores {json.dumps(x['cores_used'])}", flush=True)
+                  f"{x['worker_inference_texts_s']:.0f}/s, cores {json.dumps(x['cores_used'])}, full GCs "
+                  f"{x['full_gcs']:.0f} ({x['full_gc_ms']:.0f} ms)", flush=True)
         raws.append(raw_limit(student, raw_texts, args.lanes))  # raw brackets every stream round
         raw_s = summary([x["texts_s"] for x in raws])
         stream_s = summary([x["texts_s"] for x in streams])
@@ -275,13 +285,15 @@ def markdown(res: dict) -> str:
         (f"Latency at a paced rate ({a['seconds']:.0f} s each), from the input's produce timestamp to the output's "
          "arrival at a consumer, in ms; and what the worker did meanwhile:"),
         "",
-        "| load | msg/s | messages | p50 | p95 | p99 | max | worker batches (mean size, ms apart, inference ms) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| load | msg/s | messages | p50 | p95 | p99 | max | worker batches (mean size, ms apart, inference ms) "
+        "| full GCs in the worker (n, ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, x in res["latency_ms"].items():
+        gcs = f"{x['full_gcs']:.0f}, {x['full_gc_ms']:.0f}" if "full_gcs" in x else "-"
         lines.append(f"| {name} of sustained | {x['rate']:.0f} | {x['n']} | {x['p50']:.0f} | {x['p95']:.0f} | "
                      f"{x['p99']:.0f} | {x['max']:.0f} | {x['mean_batch']:.1f}, {x['ms_between_batches']:.0f}, "
-                     f"{x['inference_ms_per_batch']:.0f} |")
+                     f"{x['inference_ms_per_batch']:.0f} | {gcs} |")
     if all("in_worker" in x for x in res["latency_ms"].values()):
         lines += ["", ("Where the time went (ms): *to the worker's answer* is the input's produce timestamp to the "
                        "answer's Kafka timestamp (the consumer fetch, the take, the inference queue, inference); "
@@ -295,6 +307,9 @@ def markdown(res: dict) -> str:
         lines[-1] += " The worker's garbage collections over the whole run (count, ms in total): " + ", ".join(
             f"generation {g} {x['count']:.0f}, {1000 * x['seconds']:.0f}" for g, x in res["gc_pauses"].items())
         lines[-1] += "."
+    if all("full_gcs" in x for x in res["stream"]):
+        lines[-1] += (" Full collections during the sustained rounds: " + ", ".join(
+            f"{x['full_gcs']:.0f} ({x['full_gc_ms']:.0f} ms)" for x in res["stream"]) + ".")
     return "\n".join(lines)
 
 
