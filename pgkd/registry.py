@@ -119,6 +119,16 @@ def stored_graph(manifest: dict, quantize: str) -> dict | None:
     return entry
 
 
+def stored_graphs(manifest: dict) -> list[str]:
+    """The quantize modes of the ONNX Runtime graphs a version stores (:func:`stored_graph`).
+
+    >>> stored_graphs({"files": {"onnx/model.int8.onnx": "ab12"},
+    ...                "graphs": {"int8": {"file": "onnx/model.int8.onnx", "inputs": ["input_ids"]}}})
+    ['int8']
+    """
+    return [quantize for quantize in ("fp32", "int8") if stored_graph(manifest, quantize)]
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

@@ -20,7 +20,7 @@ import sys
 from datetime import UTC, datetime
 
 from pgkd.errors import ModelIntegrityError
-from pgkd.registry import Registry, stored_graph
+from pgkd.registry import Registry, stored_graphs
 from pgkd.serving import graphs_to_publish
 from pgkd.settings import Settings, load_settings
 
@@ -172,7 +172,7 @@ def cmd_import(args) -> int:
         registry.current()  # fail on an unreachable Redis before the slow part
         graphs = graphs_to_publish(settings) if args.onnx == "auto" else () if args.onnx == "none" else (args.onnx,)
         version = registry.import_dir(args.dir, graphs=graphs)
-        stored = sorted(registry.manifest(version).get("graphs", {}))
+        stored = stored_graphs(registry.manifest(version))
         print(f"imported {args.dir} as {version} in {registry.store}"
               + (f" with the {'/'.join(stored)} ONNX graph" if stored else ""))
         missing = sorted(set(graphs) - set(stored))
@@ -225,8 +225,7 @@ def _summary(registry: Registry, version: str, current: str | None) -> dict:
     metrics = manifest.get("metrics") or {}
     return {**row, "round": manifest.get("round"), "macro_f1": metrics.get("macro_f1"),
             "accuracy": metrics.get("accuracy"), "parent": manifest.get("parent"),
-            # the prebuilt ONNX Runtime graphs a worker loads instead of building (pgkd.registry.stored_graph)
-            "graphs": [q for q in ("fp32", "int8") if stored_graph(manifest, q)],
+            "graphs": stored_graphs(manifest),  # prebuilt ONNX Runtime graphs: a worker loads them instead of building
             "created_at": manifest.get("created_at")}
 
 
