@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgkd.errors import ConfigError, ModelError, RegistryUnavailable
-from pgkd.registry import MANIFEST_FILE, Registry, stored_graph
+from pgkd.registry import MANIFEST_FILE, Registry, stored_graph, unread_by_graph
 
 if TYPE_CHECKING:
     from pgkd.settings import Settings
@@ -96,9 +96,14 @@ def load_version(settings: Settings, version: str) -> ServingModel:
     with Registry.from_settings(settings) as registry:
         path = registry.path(version)
         graph = None
-        if settings.inference_graph == "onnxruntime":  # the stored graph or the graph builder reads files verified here
-            graph = stored_graph(registry.verify(version), settings.inference_quantize)
-        student = _prepared(path, settings, lambda: registry.load(version), graph)
+        if settings.inference_graph == "onnxruntime":
+            manifest = registry.manifest(version)
+            graph = stored_graph(manifest, settings.inference_quantize)
+            # serving the stored graph opens neither the torch weights nor the other graphs: they are
+            # not hashed here (a fallback that reads them verifies them all first: verify_all)
+            registry.verify(version, unread=unread_by_graph(manifest, settings.inference_quantize) if graph else ())
+        student = _prepared(path, settings, lambda: registry.load(version), graph,
+                            verify_all=lambda: registry.verify(version))
     log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
              student.device, student.quantize, student.graph)
     return ServingModel(student=student, version=version, path=path)
@@ -131,14 +136,16 @@ def prepare(student: Student, settings: Settings, graph: str | None = None) -> S
     return student
 
 
-def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph: dict | None = None) -> Student:
+def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph: dict | None = None,
+              verify_all: Callable[[], object] = lambda: None) -> Student:
     """The student of the verified directory ``path``, ready to serve as the settings
     ask. onnxruntime: the session of the version's stored graph (``graph``, its
     manifest entry: built when the version was published) loads here, with the
     tokenizer; without one, the graph is built by a child process (the export and
-    the quantizer are ~20 s of Python that would hold this worker's GIL); when both
-    fail, torchscript (logged). The other graphs: ``load()`` the torch model here,
-    then :func:`prepare`."""
+    the quantizer are ~20 s of Python that would hold this worker's GIL) from the
+    files; when both fail, torchscript (logged). ``verify_all()`` runs before a
+    build that replaces a stored graph (whose caller hashed only what that graph
+    reads). The other graphs: ``load()`` the torch model here, then :func:`prepare`."""
     if settings.inference_graph != "onnxruntime":
         return prepare(load(), settings)
     import torch
@@ -155,6 +162,8 @@ def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph
             except OnnxError as err:
                 log.warning("the stored ONNX graph of %s is not served (%s); building one", path.name, err)
         if forward is None:
+            if graph is not None:
+                verify_all()  # the build reads the torch weights, which were not hashed for the stored graph
             forward = build_in_child(path, settings.inference_quantize, threads)
         return Student.served_by(path, forward, settings.inference_quantize, "onnxruntime")
     except OnnxError as err:

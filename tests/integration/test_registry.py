@@ -395,6 +395,42 @@ def test_a_published_graph_serves_without_a_build_and_a_tampered_one_is_refused(
         load_version(load_settings(), version)
 
 
+def test_a_graph_worker_hashes_only_what_it_reads_and_a_fallback_verifies_the_rest(env, registry, student, store,
+                                                                                 monkeypatch):
+    import pgkd.inference_onnx
+    import pgkd.registry
+
+    version = registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={},
+                               graphs=("int8", "fp32"))
+    env.setenv("PGKD_INFERENCE_GRAPH", "onnxruntime")
+    env.setenv("PGKD_INFERENCE_QUANTIZE", "int8")
+    hashed: list[str] = []
+    real_sha256 = pgkd.registry.sha256_file
+    monkeypatch.setattr(pgkd.registry, "sha256_file",
+                        lambda path: hashed.append(path.relative_to(store / version).as_posix()) or real_sha256(path))
+    load_version(load_settings(), version)
+    listed = set(registry.manifest(version)["files"])
+    assert set(hashed) == listed - {"model.safetensors", "onnx/model.fp32.onnx"}  # tokenizer, labels, the int8 graph
+    assert {"onnx/model.int8.onnx", "tokenizer.json", "labels.json"} <= set(hashed)
+
+    # the weights it skipped are verified before anything reads them: a build that replaces
+    # a stored graph this runtime refuses, a torch worker, a promotion
+    flip_byte(store / version / "model.safetensors")
+
+    def unloadable(*args, **kwargs):
+        raise pgkd.inference_onnx.OnnxError("the stored ONNX graph does not load: test")
+
+    monkeypatch.setattr(pgkd.inference_onnx, "load_graph", unloadable)
+    refused = rf"^{version} refused: model\.safetensors does not match its sha256"
+    with pytest.raises(ModelIntegrityError, match=refused):
+        load_version(load_settings(), version)
+    env.setenv("PGKD_INFERENCE_GRAPH", "torchscript")
+    with pytest.raises(ModelIntegrityError, match=refused):
+        load_version(load_settings(), version)
+    with pytest.raises(ModelIntegrityError, match=refused):
+        registry.promote(version, reason="test")
+
+
 def test_a_graph_that_cannot_be_built_is_left_out_and_the_version_still_publishes(registry, student, store,
                                                                                   monkeypatch, caplog):
     import pgkd.inference_onnx
