@@ -10,8 +10,9 @@ producer sends texts at a fixed rate (half of what the worker sustains, found
 by a backlog first); meanwhile a new version and a rollback to A are promoted
 in turn, --promotions times, each after --quiet seconds, the way
 ``pgkd models promote`` does it (Registry.promote, then the announcement on
-model.updates). A new version is loaded; a rollback finds A kept in memory
-(PGKD_KEEP_PREVIOUS_MODEL).
+model.updates), on a thread of its own at the CPU priority that command gives
+itself (``pgkd.priority.ADMIN_NICE``). A new version is loaded; a rollback finds
+A kept in memory (PGKD_KEEP_PREVIOUS_MODEL).
 
 Measured, over the paced traffic only:
 
@@ -23,6 +24,9 @@ Measured, over the paced traffic only:
   the window, against the normal gap: median, p99 and max of the gaps wholly
   outside every window; and, as a control, the longest gap in windows of the
   same lengths 5 s before each promotion, when nothing is swapped;
+- the longest gap in the traffic itself in each window (the inputs' produce
+  timestamps, which the answers carry): a pause of the traffic generator would
+  show as a gap in the answers too;
 - zero lost (every produced id answered by the student) and zero duplicated
   (each id answered once);
 - the swap's own time (load, verify, quantize, trace and warm up a new version,
@@ -43,6 +47,7 @@ import re
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +67,7 @@ from _common import (
 from aiokafka import AIOKafkaProducer
 from streaming_support import StreamEnv
 
+from pgkd.priority import ADMIN_NICE, lower_thread_priority
 from pgkd.registry import Registry
 from pgkd.serving import graphs_to_publish
 from pgkd.settings import Settings
@@ -135,6 +141,14 @@ async def first_answer_of(outputs: Outputs, version: str, after: float, timeout_
     raise TimeoutError(f"no answer from {version} within {timeout_s}s of its promotion")
 
 
+def promote_and_announce(registry: Registry, settings: Settings, version: str) -> dict:
+    """What `pgkd models promote VERSION` runs, on the calling thread: verify and move
+    the pointer, then announce on model.updates (its own event loop, as the CLI's)."""
+    entry = registry.promote(version, reason="bench: hot swap")
+    asyncio.run(aannounce_model_update(settings, entry))
+    return entry
+
+
 CONTROL_SHIFT_S = 5.0  # control windows: each promotion window this much earlier (--quiet must exceed it)
 
 
@@ -184,6 +198,10 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
     outputs = Outputs(bootstrap, env.topics["labels_out"])
     loop = asyncio.get_running_loop()
+    # the operator's command, at the priority `pgkd models promote` gives itself (ADMIN_NICE), on a
+    # thread of its own: this process's event loop runs the traffic and must not wait for it
+    operator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="operator",
+                                  initializer=lower_thread_priority, initargs=(ADMIN_NICE,))
     try:
         await loop.run_in_executor(None, worker.wait_ready, 300)
         await producer.start()
@@ -211,8 +229,7 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
             quiet_counters.append((before[0] - quiet_from[0], before[1] - quiet_from[1]))
             t0 = time.time()
             # what `pgkd models promote` does: verify + move the pointer, then announce
-            entry = await loop.run_in_executor(None, lambda v=target: registry.promote(v, reason="bench: hot swap"))
-            await aannounce_model_update(worker_settings, entry)
+            await loop.run_in_executor(operator, promote_and_announce, registry, worker_settings, target)
             announced = time.time()
             stamp, arrived = await first_answer_of(outputs, target, t0, timeout_s=120)
             await asyncio.sleep(args.margin)
@@ -240,6 +257,7 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         await producer.stop()
         env.stop_all()
         registry.close()
+        operator.shutdown(wait=False)
 
     paced = [(arrived, stamp, out) for arrived, stamp, out in outputs.records if out["id"].startswith("h-")]
     answers = Counter(out["id"] for _, _, out in paced)
@@ -255,6 +273,9 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
     windows_arrival = [(p["t0"], p["t0"] + p["first_answer_arrival_s"] + args.margin) for p in promotions]
     by_stamp = gaps([stamp for _, stamp, _ in paced], windows_stamp)
     by_arrival = gaps([arrived for arrived, _, _ in paced], windows_arrival)
+    # the traffic's own gaps: the inputs' produce timestamps (the answers carry them); a gap here is
+    # the traffic generator pausing, which shows in the answers too, whatever the worker does
+    by_input = gaps([out["ts"] for _, _, out in paced], windows_stamp)
     # a single worker answers batch after batch: no answer of the old version may follow one of the new
     stale = 0
     for i, p in enumerate(promotions):
@@ -271,6 +292,7 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         "answered": len(answers), "lost": sum(1 for i in ids if i not in answers),
         "duplicated": sum(1 for n in answers.values() if n > 1), "stale_after_swap": stale,
         "promotions": promotions, "swaps": swaps, "gaps_by_stamp": by_stamp, "gaps_by_arrival": by_arrival,
+        "gaps_by_input": by_input,
         "inference_ms_per_batch": {"in_windows": [ms(p["window_inference"]) for p in promotions],
                                    "quiet": [ms(q) for q in quiet_counters]},
         "dead_letters": sum(v for k, v in metrics.items() if k.startswith("pgkd_dlq_total")),
@@ -281,13 +303,16 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
 def markdown(res: dict) -> str:
     a, s = res["args"], res["settings"]
     st, ar = res["gaps_by_stamp"], res["gaps_by_arrival"]
+    inp = res.get("gaps_by_input")
     rows = []
     for i, p in enumerate(res["promotions"]):
         swap = res["swaps"][i]["seconds"] if i < len(res["swaps"]) else float("nan")
         how = res["swaps"][i].get("how", "?") if i < len(res["swaps"]) else "?"
         rows.append(f"| {i + 1} | {p['version']} ({p.get('kind', 'new')}: {how}) | {1000 * p['announced_s']:.0f} | {swap:.1f} | "
                     f"{p['first_answer_stamp_s']:.2f} | {1000 * st['longest_in_window'][i]:.0f} | "
-                    f"{1000 * ar['longest_in_window'][i]:.0f} | {res['inference_ms_per_batch']['in_windows'][i]:.0f} |")
+                    f"{1000 * ar['longest_in_window'][i]:.0f} | "
+                    + (f"{1000 * inp['longest_in_window'][i]:.0f} | " if inp else "")
+                    + f"{res['inference_ms_per_batch']['in_windows'][i]:.0f} |")
     worst_st, worst_ar = max(st["longest_in_window"]), max(ar["longest_in_window"])
     by_kind = {}
     for kind in ("new", "rollback"):
@@ -314,18 +339,20 @@ def markdown(res: dict) -> str:
          f"{', '.join(res['versions'][1:])} = the same with its head perturbed (noise {a['noise']} x the weights' "
          f"std, one seed each){stored}. {len(res['promotions'])} promotions, {a['quiet']:.0f} s apart: a new version, then a "
          f"rollback to {res['versions'][0]}, in turn, by Registry.promote + the model.updates "
-         f"announcement (what `pgkd models promote` runs). Paced traffic: {res['rate']:.0f} msg/s{sustained}, "
+         f"announcement (what `pgkd models promote` runs, on a thread at its nice +{ADMIN_NICE}). Paced traffic: {res['rate']:.0f} msg/s{sustained}, "
          f"{res['sent']} messages over {res['traffic_s']:.0f} s."),
         "",
         ("Per promotion: the announcement's time (promote call to the broker's ack), the worker's swap (checksums, "
          f"load, {prepare}, warm-up, on its load thread; or the previous version kept in memory), when the first "
          "answer of the new version was sent, the "
          f"longest gap between consecutive answers from the promote call to that answer + {a['margin']:.0f} s "
-         "(by Kafka timestamp and by arrival here), and the worker's mean inference time per batch meanwhile:"),
+         "(by Kafka timestamp and by arrival here), the longest gap in the traffic itself over the same window "
+         "(the inputs' produce timestamps: the traffic generator pausing, which no worker can answer through), "
+         "and the worker's mean inference time per batch meanwhile:"),
         "",
         ("| # | to | announce ms | swap s | first new answer s | longest gap ms (Kafka ts) | longest gap ms "
-         "(arrival) | inference ms/batch |"),
-        "|---|---|---|---|---|---|---|---|",
+         "(arrival) | " + ("longest input gap ms | " if inp else "") + "inference ms/batch |"),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if inp else ""),
         *rows,
         "",
         "| gaps between consecutive answers, ms | by Kafka timestamp | by arrival here |",
@@ -344,6 +371,9 @@ def markdown(res: dict) -> str:
            f"(Kafka ts) | {', '.join(f'{1000 * x:.0f}' for x in st['longest_in_control'])} | |",
            f"| control: longest / normal p99 | {max(st['longest_in_control']) / st['p99_outside']:.2f}x | |"]
           if "longest_in_control" in st else []),
+        *([f"| traffic (inputs' produce timestamps): normal p99 / max, longest in a window | "
+           f"{1000 * inp['p99_outside']:.0f} / {1000 * inp['max_outside']:.0f}, "
+           f"{1000 * max(inp['longest_in_window']):.0f} | |"] if inp else []),
         "",
         (f"Answers: {res['sent']} sent, {res['answered']} answered by the student, **{res['lost']} lost, "
          f"{res['duplicated']} duplicated**; answers of the old version after the first of the new: "

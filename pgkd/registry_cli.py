@@ -7,7 +7,8 @@ Settings come from the environment (``PGKD_MODEL_STORE``, ``PGKD_REDIS_URL``,
 After a promote or rollback the change is announced on ``model.updates`` through
 ``streams.announce.announce_model_update(settings, entry)`` when that module is
 installed; the pointer in Redis is what counts, the announcement only tells
-running classifier workers to swap now.
+running classifier workers to swap now. The commands that hash a version's files
+run at a lower CPU priority (:data:`pgkd.priority.ADMIN_NICE`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from datetime import UTC, datetime
 
 from pgkd.errors import ModelIntegrityError
+from pgkd.priority import ADMIN_NICE, lower_thread_priority
 from pgkd.registry import Registry, stored_graphs
 from pgkd.serving import graphs_to_publish
 from pgkd.settings import Settings, load_settings
@@ -71,6 +73,14 @@ def add_models_parser(sub) -> None:
 # --- commands -------------------------------------------------------------------
 
 
+def _yield_cpu() -> None:
+    """Run the rest of this command at nice +ADMIN_NICE: the commands that hash a
+    version (show, promote, rollback, import) take what the serving workers on the
+    same host leave, rather than stalling their answers (pgkd.priority)."""
+    lower_thread_priority(ADMIN_NICE)
+
+
+
 def cmd_list(args) -> int:
     settings = load_settings()
     with Registry.from_settings(settings) as registry:
@@ -99,6 +109,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
+    _yield_cpu()
     settings = load_settings()
     with Registry.from_settings(settings) as registry:
         manifest = registry.manifest(args.version)  # unknown version / unreadable manifest: one line, exit 2
@@ -115,6 +126,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_promote(args) -> int:
+    _yield_cpu()
     settings = load_settings()
     with Registry.from_settings(settings) as registry:
         entry = registry.promote(args.version, reason=args.reason)
@@ -123,6 +135,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_rollback(args) -> int:
+    _yield_cpu()
     settings = load_settings()
     with Registry.from_settings(settings) as registry:
         entry = registry.rollback(reason=args.reason)
@@ -167,6 +180,7 @@ def cmd_history(args) -> int:
 
 
 def cmd_import(args) -> int:
+    _yield_cpu()
     settings = load_settings()
     with Registry.from_settings(settings) as registry:
         registry.current()  # fail on an unreachable Redis before the slow part

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +40,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from pgkd.errors import ModelIntegrityError, ModelError, RegistryError, RegistryUnavailable
 from pgkd.inference import load_json
+from pgkd.priority import lower_thread_priority
 from pgkd.registry import VERSION_RE, Registry
 from pgkd.serving import ServingModel, load_version
 from streams import metrics
@@ -62,19 +61,6 @@ RESTART_DELAY_S = 5.0
 # the swap. At +10 the scheduler gives inference ~9x the load's share when both
 # want the core; the old model serves meanwhile, so a slower load costs nothing.
 LOAD_NICE = 10
-
-
-def lower_thread_priority(increment: int = LOAD_NICE) -> bool:
-    """Raise the calling thread's nice value by ``increment`` (Linux schedules
-    threads one by one); False where the OS does not allow it (the load then
-    runs at the worker's priority)."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
-    except (AttributeError, OSError) as err:  # not Linux/BSD, or refused
-        log.info("model loads run at normal priority (%s)", err)
-        return False
-    return True
 
 
 def read_update(value: bytes | None) -> dict | tuple[str, str]:
@@ -147,7 +133,7 @@ class ModelWatcher:
         # its own thread: a load never waits behind inference, nor inference behind a load;
         # at a lower priority, so that a load uses what CPU inference leaves
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-model-load",
-                                            initializer=lower_thread_priority)
+                                            initializer=lower_thread_priority, initargs=(LOAD_NICE,))
         self._registry = Registry.from_settings(settings)
         # the version the last swap replaced (PGKD_KEEP_PREVIOUS_MODEL): a rollback to it is one assignment
         self._standby: ServingModel | None = None

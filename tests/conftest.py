@@ -105,6 +105,14 @@ def _run_local(script: str, *args: str, env: dict[str, str] | None = None) -> su
     )
 
 
+@pytest.fixture(autouse=True)
+def _admin_commands_at_test_priority(monkeypatch):
+    """``pgkd models`` commands lower their thread's CPU priority; run in-process,
+    that thread is pytest's own, and the rest of the session would run niced.
+    test_registry.py checks the real one on a thread of its own."""
+    monkeypatch.setattr("pgkd.registry_cli._yield_cpu", lambda: None)
+
+
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     """Factory of TCP ports free on 127.0.0.1, e.g. for a worker's web server."""

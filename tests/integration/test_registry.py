@@ -23,6 +23,8 @@ from pgkd.errors import (
     RegistryError,
     RegistryUnavailable,
 )
+from pgkd import registry_cli
+from pgkd.priority import ADMIN_NICE
 from pgkd.registry import Registry
 from pgkd.serving import load_serving_model, load_taxonomy, load_version, serve_path
 from pgkd.settings import load_settings
@@ -468,6 +470,28 @@ def run(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+REAL_YIELD_CPU = registry_cli._yield_cpu  # the autouse fixture of tests/conftest.py replaces it
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are set with setpriority(2)")
+def test_commands_that_hash_a_version_run_at_a_lower_cpu_priority(env, registry, student, capsys, monkeypatch):
+    monkeypatch.setattr(registry_cli, "_yield_cpu", REAL_YIELD_CPU)
+    version = registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={})
+    nice = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # noqa: E731
+    seen = {}
+
+    def command(argv):  # on a thread of its own: the niceness is the calling thread's
+        before = nice()
+        seen[argv[1]] = (main(argv), nice() - before)
+
+    for argv in (["models", "show", version], ["models", "list"]):
+        thread = threading.Thread(target=command, args=(argv,))
+        thread.start()
+        thread.join()
+    capsys.readouterr()
+    assert seen == {"show": (0, ADMIN_NICE), "list": (0, 0)}  # list reads manifests only
 
 
 @pytest.fixture

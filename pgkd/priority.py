@@ -1,0 +1,38 @@
+"""CPU priority for work that must not slow the stream.
+
+Linux schedules threads one by one, and a thread's nice value is its own:
+raising it for the calling thread leaves the process's other threads (the
+event loop, inference) where they are, and threads it starts afterwards
+inherit it. Used by a classifier's model-load thread
+(:data:`streams.hotswap.LOAD_NICE`), by the ONNX graph builder's child
+process, and by the ``pgkd models`` commands that hash a version
+(:data:`ADMIN_NICE`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+log = logging.getLogger(__name__)
+
+# Added to the nice value of `pgkd models promote`, `rollback`, `show` and `import`.
+# A promotion hashes every file of the version (~155 MB for MiniLM with its int8
+# graph) and starts a Kafka producer: ~0.3 s of a core. On a 2-core host that
+# serves, at equal priority that took CPU from the classifier worker's event loop
+# and stalled its answers for up to ~0.4 s (docs/BENCHMARKS.md, hot swap); at
+# +10 it runs on what the workers leave, a little later.
+ADMIN_NICE = 10
+
+
+def lower_thread_priority(increment: int) -> bool:
+    """Raise the calling thread's nice value by ``increment``; False where the OS
+    does not allow it (the caller then runs at its old priority)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except (AttributeError, OSError) as err:  # not Linux/BSD, or refused
+        log.info("running at normal priority (%s)", err)
+        return False
+    return True
