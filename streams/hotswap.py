@@ -10,8 +10,7 @@ Redis (the truth; the record's version only when Redis does not answer), loads
 and warms that version on its own thread while batches go on with the old
 model, and hands it to ``swap`` between batches. The version it replaced stays in
 memory (``PGKD_KEEP_PREVIOUS_MODEL``): swapping back to it, a rollback, loads
-nothing. A version taken out of service is freed on that thread too (freeing
-a session and a tokenizer holds the GIL ~20 ms). That thread runs at a lower
+nothing. That thread runs at a lower
 CPU priority (:data:`LOAD_NICE`): on cores it shares with inference, the load
 takes longer instead of slowing the batches in flight (docs/BENCHMARKS.md,
 hot swap).
@@ -215,9 +214,7 @@ class ModelWatcher:
         if standby is not None and standby.version == target:
             model, how = standby, "kept in memory"  # verified and warmed when it was loaded
         else:
-            if standby is not None:  # not the target: let it go before loading another
-                box, standby = [standby], None
-                await self._release(box)
+            del standby  # not the target: let it go before loading another
             log.info("loading %s (%s; serving %s)", target, why, self.served())
             try:
                 model = await loop.run_in_executor(self._executor, self._load_and_warm, target)
@@ -233,18 +230,8 @@ class ModelWatcher:
         replaced = self.swap(model)
         if self.settings.keep_previous_model and isinstance(replaced, ServingModel):
             self._standby = replaced
-        elif replaced is not None:  # a batch still using it frees it when it ends
-            box, replaced = [replaced], None
-            await self._release(box)
         log.info("swapped %s -> %s (%s in %.1fs)", previous, model.version, how, time.perf_counter() - started)
         return True
-
-    def _release(self, box: list[ServingModel]) -> asyncio.Future:
-        """Empty ``box`` (the caller's only reference to a model it no longer
-        serves) on the load thread. Freeing a model (its ONNX Runtime session or
-        torch weights, its tokenizer) holds the GIL for ~20 ms; it is freed where
-        its last reference goes, and on the event loop that stalls every batch."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, box.clear)
 
     def _load_and_warm(self, version: str) -> ServingModel:
         model = self.loader(self.settings, version)

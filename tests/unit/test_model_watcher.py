@@ -8,7 +8,6 @@ import doctest
 import importlib
 import json
 import re
-import threading
 
 import numpy as np
 import pytest
@@ -257,33 +256,3 @@ def test_without_keep_previous_model_a_rollback_loads_again():
         watcher._registry = FakeRegistry(version)
         assert asyncio.run(watcher.reconcile("announced")) is True
     assert loads == ["v0002", "v0001"] and watcher._standby is None
-
-
-@pytest.mark.parametrize("keep", [True, False])
-def test_a_model_taken_out_of_service_is_freed_on_the_load_thread(keep):
-    # freeing a model holds the GIL ~20 ms: where its last reference goes, there it is freed
-    freed: list[tuple[str, str]] = []
-
-    class Tracked(FakeStudent):
-        def __init__(self, version):
-            super().__init__()
-            self.version = version
-
-        def __del__(self):
-            freed.append((self.version, threading.current_thread().name))
-
-    current = [ServingModel(Tracked("v0001"), "v0001", None)]
-
-    def swap(model):  # like Classifier.swap: one slot, returns the model replaced
-        old, current[0] = current[0], model
-        return old
-
-    loader = lambda settings, version: ServingModel(Tracked(version), version, None)  # noqa: E731
-    watcher = ModelWatcher(Settings(keep_previous_model=keep), lambda: current[0].version, swap, loader=loader)
-    for version in ("v0002", "v0003"):
-        watcher._registry = FakeRegistry(version)
-        assert asyncio.run(watcher.reconcile("announced")) is True
-    # kept: v0001 waits as the standby until v0003 is loaded (v0002 is the standby then);
-    # not kept: each swap lets the model it replaced go
-    assert [version for version, _ in freed] == (["v0001"] if keep else ["v0001", "v0002"])
-    assert all(thread.startswith("pgkd-model-load") for _, thread in freed), freed
