@@ -3,10 +3,11 @@
 Linux schedules threads one by one, and a thread's nice value is its own:
 raising it for the calling thread leaves the process's other threads (the
 event loop, inference) where they are, and threads it starts afterwards
-inherit it. Used by a classifier's model-load thread
-(:data:`streams.hotswap.LOAD_NICE`), by the ONNX graph builder's child
-process, and by the ``pgkd models`` commands that hash a version
-(:data:`ADMIN_NICE`).
+inherit it (so does a child process: the ONNX graph builder, started from a
+load thread, runs at the nice value it asks for or the inherited one, if
+higher). Used by a classifier's model-load thread
+(:data:`streams.hotswap.LOAD_NICE`) and by the ``pgkd models`` commands that
+hash a version (:data:`ADMIN_NICE`).
 """
 
 from __future__ import annotations

@@ -80,7 +80,6 @@ def _yield_cpu() -> None:
     lower_thread_priority(ADMIN_NICE)
 
 
-
 def cmd_list(args) -> int:
     settings = load_settings()
     with Registry.from_settings(settings) as registry:
