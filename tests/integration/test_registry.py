@@ -400,14 +400,13 @@ def test_a_published_graph_serves_without_a_build_and_a_tampered_one_is_refused(
 def test_a_graph_worker_hashes_only_what_it_reads_and_a_fallback_verifies_the_rest(env, registry, student, store,
                                                                                  monkeypatch):
     import pgkd.inference_onnx
-    import pgkd.registry
 
     version = registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={}, graphs=("int8",))
     env.setenv("PGKD_INFERENCE_GRAPH", "onnxruntime")
     env.setenv("PGKD_INFERENCE_QUANTIZE", "int8")
     hashed: list[str] = []
-    real_sha256 = pgkd.registry.sha256_file
-    monkeypatch.setattr(pgkd.registry, "sha256_file",
+    real_sha256 = registry_module.sha256_file
+    monkeypatch.setattr(registry_module, "sha256_file",
                         lambda path: hashed.append(path.relative_to(store / version).as_posix()) or real_sha256(path))
     load_version(load_settings(), version)
     listed = set(registry.manifest(version)["files"])
