@@ -217,6 +217,10 @@ class Settings(BaseSettings):
     curator_n_examples: int = Field(
         16, ge=1, description="correct / misclassified / hard-negative examples each in the generation prompt"
     )
+    curator_close_lock_ttl_s: float = Field(
+        30.0, ge=3, description="the batch-close lock lapses this long after its holder stopped renewing it "
+        "(renewed every third of it while a close runs; how long a killed curator's successor waits to resume the close)"
+    )
     curator_min_class_count: int = Field(
         3, ge=1, description="teacher labels a class needs before its live agreement counts in the weakest-class rank"
     )

@@ -56,11 +56,6 @@ from streams.schemas import RetrainRequest, TeacherLabel
 
 log = logging.getLogger(__name__)
 
-# One curator closes a batch at a time: a lock that lapses this long after its holder
-# stopped renewing it (renewed every third of it while a close runs, so a close that
-# waits minutes for the teacher keeps it; a killed curator's successor resumes the close
-# within this many seconds).
-CLOSE_LOCK_TTL_S = 30.0
 CHECK_EVERY_S = 5.0  # how often the window and drift triggers are checked without new labels
 
 
@@ -147,7 +142,10 @@ class Curator:
                                               last["ts"] if last else None)
                 if trigger is None:
                     return None
-            if not await self.state.lock_close(self.owner, CLOSE_LOCK_TTL_S):
+            # one curator closes a batch at a time: the lock is renewed while the close runs (a close
+            # that waits minutes for the teacher keeps it) and lapses PGKD_CURATOR_CLOSE_LOCK_TTL_S after
+            # a killed holder's last renewal; its successor then resumes the close
+            if not await self.state.lock_close(self.owner, self.settings.curator_close_lock_ttl_s):
                 return None  # another curator is closing it
             renewing = asyncio.create_task(self._keep_close_lock())
             try:
@@ -157,10 +155,11 @@ class Curator:
                 await self.state.unlock_close(self.owner)
 
     async def _keep_close_lock(self) -> None:
+        ttl = self.settings.curator_close_lock_ttl_s
         while True:
-            await asyncio.sleep(CLOSE_LOCK_TTL_S / 3)
+            await asyncio.sleep(ttl / 3)
             try:
-                if not await self.state.renew_close(self.owner, CLOSE_LOCK_TTL_S):
+                if not await self.state.renew_close(self.owner, ttl):
                     log.warning("the batch close lock lapsed while closing (Redis slow or away)")
             except Exception:  # noqa: BLE001 - the close goes on; the lock may lapse, the close is resumable
                 log.warning("could not renew the batch close lock", exc_info=True)
