@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgkd.errors import ConfigError, ModelError, RegistryUnavailable
-from pgkd.registry import MANIFEST_FILE, Registry, stored_graph, unread_by_graph
+from pgkd.registry import GRAPH_DIR, MANIFEST_FILE, WEIGHT_SUFFIXES, Registry, stored_graph, unread_by_graph
 
 if TYPE_CHECKING:
     from pgkd.settings import Settings
@@ -90,20 +91,46 @@ def _fallback_path(settings: Settings) -> Path:
     return path
 
 
+# The tokenizers of the versions in memory, by the checksums of the files they were loaded
+# from (tokenizer_key). A version whose files are the same (a retrained version keeps its
+# parent's: Student.save) shares the tokenizer instead of loading its own: parsing
+# tokenizer.json holds the GIL 40-50 ms in one piece, the longest stall a swap put on
+# inference and the event loop. An entry lives as long as a student holds its tokenizer.
+_TOKENIZERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def tokenizer_key(manifest: dict) -> tuple[tuple[str, str], ...]:
+    """The checksums of the files a served version's tokenizer and labels come from:
+    every file but the torch weights and the ONNX graphs (the manifest has verified them).
+
+    >>> tokenizer_key({"files": {"model.safetensors": "a", "tokenizer.json": "b", "labels.json": "c",
+    ...                          "onnx/model.int8.onnx": "d"}})
+    (('labels.json', 'c'), ('tokenizer.json', 'b'))
+    """
+    return tuple(sorted((name, digest) for name, digest in manifest["files"].items()
+                        if not name.endswith(WEIGHT_SUFFIXES) and not name.startswith(f"{GRAPH_DIR}/")))
+
+
 def load_version(settings: Settings, version: str) -> ServingModel:
     """A stored registry version, verified, ready for ``predict_proba`` (the hot
-    swap's loader). ModelIntegrityError when a file does not match its checksum."""
+    swap's loader). ModelIntegrityError when a file does not match its checksum.
+    Served by its stored ONNX graph, it shares the tokenizer of a version in memory
+    whose tokenizer files and labels have the same checksums (:func:`tokenizer_key`)."""
     with Registry.from_settings(settings) as registry:
         path = registry.path(version)
-        graph = None
+        graph, key = None, None
         if settings.inference_graph == "onnxruntime":
             manifest = registry.manifest(version)
             graph = stored_graph(manifest, settings.inference_quantize)
             # serving the stored graph opens neither the torch weights nor the other graphs: they are
             # not hashed here (a fallback that reads them verifies them all first: verify_all)
             registry.verify(version, unread=unread_by_graph(manifest, settings.inference_quantize) if graph else ())
+            key = tokenizer_key(manifest)
         student = _prepared(path, settings, lambda: registry.load(version), graph,
-                            verify_all=lambda: registry.verify(version))
+                            verify_all=lambda: registry.verify(version),
+                            tokenizer=_TOKENIZERS.get(key) if key else None)
+        if key and student.graph == "onnxruntime":
+            _TOKENIZERS.setdefault(key, student.tokenizer)
     log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
              student.device, student.quantize, student.graph)
     return ServingModel(student=student, version=version, path=path)
@@ -137,7 +164,7 @@ def prepare(student: Student, settings: Settings, graph: str | None = None) -> S
 
 
 def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph: dict | None = None,
-              verify_all: Callable[[], object] = lambda: None) -> Student:
+              verify_all: Callable[[], object] = lambda: None, tokenizer=None) -> Student:
     """The student of the verified directory ``path``, ready to serve as the settings
     ask. onnxruntime: the session of the version's stored graph (``graph``, its
     manifest entry: built when the version was published) loads here, with the
@@ -145,7 +172,8 @@ def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph
     the quantizer are ~20 s of Python that would hold this worker's GIL) from the
     files; when both fail, torchscript (logged). ``verify_all()`` runs before a
     build that replaces a stored graph (whose caller hashed only what that graph
-    reads). The other graphs: ``load()`` the torch model here, then :func:`prepare`."""
+    reads); ``tokenizer``: one already loaded from files with the same checksums.
+    The other graphs: ``load()`` the torch model here, then :func:`prepare`."""
     if settings.inference_graph != "onnxruntime":
         return prepare(load(), settings)
     import torch
@@ -165,7 +193,7 @@ def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph
             if graph is not None:
                 verify_all()  # the build reads the torch weights, which were not hashed for the stored graph
             forward = build_in_child(path, settings.inference_quantize, threads)
-        return Student.served_by(path, forward, settings.inference_quantize, "onnxruntime")
+        return Student.served_by(path, forward, settings.inference_quantize, "onnxruntime", tokenizer)
     except OnnxError as err:
         log.warning("PGKD_INFERENCE_GRAPH=onnxruntime refused for this model (%s); serving torchscript", err)
         return prepare(load(), settings, graph="torchscript")

@@ -141,16 +141,18 @@ class Student:
         return cls(model, tokenizer, labels, max_length, _resolve_device(device))
 
     @classmethod
-    def served_by(cls, path: str | Path, forward, quantize: str, graph: str) -> Student:
+    def served_by(cls, path: str | Path, forward, quantize: str, graph: str, tokenizer=None) -> Student:
         """A serving-only student of the :meth:`save` directory ``path`` whose forward
         pass is ``forward`` (encoding -> logits; e.g. an ONNX Runtime session built
-        by another process): the tokenizer and labels come from ``path``, no torch
-        weights are loaded (``model`` is None)."""
+        by another process): the labels come from ``path``, and the tokenizer too
+        unless ``tokenizer`` is given (one loaded from the same files: students may
+        share one, from any thread); no torch weights are loaded (``model`` is None)."""
         path = Path(path)
         labels, max_length = _read_labels(path)
         try:
-            with _quiet_transformers():
-                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            if tokenizer is None:
+                with _quiet_transformers():
+                    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise ModelError(f"cannot load the tokenizer in {path}: {_first_line(err)}") from None
         student = cls(None, tokenizer, labels, max_length)

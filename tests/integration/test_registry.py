@@ -431,6 +431,32 @@ def test_a_graph_worker_hashes_only_what_it_reads_and_a_fallback_verifies_the_re
         registry.promote(version, reason="test")
 
 
+def test_versions_with_the_same_tokenizer_files_share_one_tokenizer_while_one_is_in_memory(env, registry, student):
+    """A retrained version keeps its parent's tokenizer files (Student.save), so a
+    swap to it reuses the served tokenizer instead of parsing tokenizer.json again."""
+    import gc
+
+    from pgkd.serving import _TOKENIZERS, tokenizer_key
+
+    first = registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={}, graphs=("int8",))
+    second = registry.publish(student, parent=first, round=1, data={}, metrics={}, settings={}, graphs=("int8",))
+    key = tokenizer_key(registry.manifest(first))
+    assert key == tokenizer_key(registry.manifest(second)) and "tokenizer.json" in dict(key)
+    env.setenv("PGKD_INFERENCE_GRAPH", "onnxruntime")
+    env.setenv("PGKD_INFERENCE_QUANTIZE", "int8")
+    a = load_version(load_settings(), first)
+    b = load_version(load_settings(), second)
+    assert a.student.graph == b.student.graph == "onnxruntime"
+    assert b.student.tokenizer is a.student.tokenizer
+    texts = ["my card is lost", "I want a refund for this", "top up"]
+    assert (a.student.predict_proba(texts) == b.student.predict_proba(texts)).all()
+    # nothing keeps a tokenizer alive once no served version holds it
+    del a, b
+    gc.collect()
+    assert key not in _TOKENIZERS
+    assert load_version(load_settings(), first).student.tokenizer is not None
+
+
 def test_a_graph_that_cannot_be_built_is_left_out_and_the_version_still_publishes(registry, student, store,
                                                                                   monkeypatch, caplog):
     import pgkd.inference_onnx
