@@ -114,8 +114,8 @@ def tokenizer_key(manifest: dict) -> tuple[tuple[str, str], ...]:
 def load_version(settings: Settings, version: str) -> ServingModel:
     """A stored registry version, verified, ready for ``predict_proba`` (the hot
     swap's loader). ModelIntegrityError when a file does not match its checksum.
-    Served by its stored ONNX graph, it shares the tokenizer of a version in memory
-    whose tokenizer files and labels have the same checksums (:func:`tokenizer_key`)."""
+    Served by ONNX Runtime, it shares the tokenizer of a version in memory whose
+    tokenizer files, labels and config have the same checksums (:func:`tokenizer_key`)."""
     with Registry.from_settings(settings) as registry:
         path = registry.path(version)
         graph, key = None, None
