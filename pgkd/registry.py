@@ -130,6 +130,16 @@ def stored_graphs(manifest: dict) -> list[str]:
     return [quantize for quantize in ("fp32", "int8") if stored_graph(manifest, quantize)]
 
 
+def weights_or_graph(name: str) -> bool:
+    """Whether a version's file ``name`` holds the model's weights: the torch
+    weights or one of the prebuilt ONNX graphs (the rest: tokenizer, labels, config).
+
+    >>> [weights_or_graph(n) for n in ("model.safetensors", "onnx/model.int8.onnx", "tokenizer.json")]
+    [True, True, False]
+    """
+    return name.endswith(WEIGHT_SUFFIXES) or name.startswith(f"{GRAPH_DIR}/")
+
+
 def unread_by_graph(manifest: dict, quantize: str) -> frozenset[str]:
     """The files of a version that a worker serving its stored ``quantize`` graph
     never opens: the torch weights and the other graphs. Such a worker need not
@@ -142,8 +152,7 @@ def unread_by_graph(manifest: dict, quantize: str) -> frozenset[str]:
     ['model.safetensors', 'onnx/model.fp32.onnx']
     """
     served = graph_file(quantize)
-    return frozenset(name for name in manifest["files"]
-                     if name.endswith(WEIGHT_SUFFIXES) or (name.startswith(f"{GRAPH_DIR}/") and name != served))
+    return frozenset(name for name in manifest["files"] if weights_or_graph(name) and name != served)
 
 
 def sha256_file(path: Path) -> str:

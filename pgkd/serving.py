@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgkd.errors import ConfigError, ModelError, RegistryUnavailable
-from pgkd.registry import GRAPH_DIR, MANIFEST_FILE, WEIGHT_SUFFIXES, Registry, stored_graph, unread_by_graph
+from pgkd.registry import MANIFEST_FILE, Registry, stored_graph, unread_by_graph, weights_or_graph
 
 if TYPE_CHECKING:
     from pgkd.settings import Settings
@@ -107,8 +107,7 @@ def tokenizer_key(manifest: dict) -> tuple[tuple[str, str], ...]:
     ...                          "onnx/model.int8.onnx": "d"}})
     (('labels.json', 'c'), ('tokenizer.json', 'b'))
     """
-    return tuple(sorted((name, digest) for name, digest in manifest["files"].items()
-                        if not name.endswith(WEIGHT_SUFFIXES) and not name.startswith(f"{GRAPH_DIR}/")))
+    return tuple(sorted((name, digest) for name, digest in manifest["files"].items() if not weights_or_graph(name)))
 
 
 def load_version(settings: Settings, version: str) -> ServingModel:
