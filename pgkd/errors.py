@@ -31,6 +31,10 @@ class RegistryUnavailable(RegistryError):
     """Redis, which holds the registry's pointer and history, does not answer."""
 
 
+class GraphError(Exception):
+    """The forward pass cannot be served as the graph asked for (PGKD_INFERENCE_GRAPH); another serves."""
+
+
 class TeacherError(PGKDError):
     """The teacher failed after its retries, or answered with unusable output."""
 

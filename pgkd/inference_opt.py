@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from pgkd.errors import ModelError
+from pgkd.errors import GraphError, ModelError
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 
@@ -128,10 +128,6 @@ TRACE_CHECKS = (
     ("three texts", "of different lengths, to check", "that the graph is not fixed to one shape or batch size"),
 )
 TRACE_TOLERANCE = 1e-4  # max |logit difference|, relative to the largest |logit|
-
-
-class GraphError(Exception):
-    """The forward pass cannot be served as the graph asked for (PGKD_INFERENCE_GRAPH); another serves."""
 
 
 class TraceError(GraphError):

@@ -47,6 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from pgkd.errors import ModelIntegrityError, RegistryError, RegistryUnavailable
+from pgkd.passes import LABELS_FILE
 
 if TYPE_CHECKING:
     from pgkd.settings import Settings
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-LABELS_FILE = "labels.json"  # = pgkd.student.LABELS_FILE (not imported: that would load torch)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # = pgkd.student.PICKLE_SUFFIXES
 TMP_PREFIX = ".tmp-"
 VERSION_RE = re.compile(r"^v(\d{4,})\Z")  # \Z: "$" would also match before a final newline

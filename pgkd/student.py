@@ -23,23 +23,18 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Batc
 from transformers.utils import logging as hf_logging
 
 from pgkd.errors import ModelError
+from pgkd.passes import LABELS_FILE, TOKENIZE_CHUNK, plan_passes, read_labels
 
 if TYPE_CHECKING:
     from pgkd.data import LabelledTexts
     from pgkd.training import TrainConfig, TrainResult
 
-LABELS_FILE = "labels.json"
 WEIGHTS_FILE = "model.safetensors"
 SHARDED_INDEX = "model.safetensors.index.json"  # what save_pretrained writes for large models
 # torch.save / pickle formats (pytorch_model.bin, training_args.bin, *.pt, ...): never in a directory we load
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 QUANTIZE_MODES = ("fp32", "int8")  # Student.optimize_for_inference / PGKD_INFERENCE_QUANTIZE
 GRAPH_MODES = ("eager", "torchscript", "onnxruntime")  # Student.optimize_for_inference / PGKD_INFERENCE_GRAPH
-# What one forward pass costs beyond its tokens, in tokens: MiniLM-L6 on one CPU thread
-# spends ~0.21 ms per token and ~1.5-4 ms (ONNX Runtime) to ~10 ms (TorchScript) per pass
-# whatever its size (docs/BENCHMARKS.md, "planned passes"); 16-64 measured alike.
-PASS_OVERHEAD_TOKENS = 24
-TOKENIZE_CHUNK = 4096  # texts tokenized at once by Student.batches (bounds the padded array)
 
 
 def default_encoder_path() -> Path:
@@ -125,7 +120,7 @@ class Student:
             raise ModelError(
                 f"{path} holds a pickle file ({pickles[0]!r}); only safetensors checkpoints are loaded: remove it"
             )
-        labels, max_length = _read_labels(path)
+        labels, max_length = read_labels(path)
         try:
             with _quiet_transformers():
                 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -148,7 +143,7 @@ class Student:
         unless ``tokenizer`` is given (one loaded from the same files: students may
         share one, from any thread); no torch weights are loaded (``model`` is None)."""
         path = Path(path)
-        labels, max_length = _read_labels(path)
+        labels, max_length = read_labels(path)
         try:
             if tokenizer is None:
                 with _quiet_transformers():
@@ -340,50 +335,6 @@ class Student:
         from pgkd.training import train as train_loop
 
         return train_loop(self, train, val, cfg)
-
-
-def plan_passes(lengths: Sequence[int], max_size: int,
-                overhead_tokens: float = PASS_OVERHEAD_TOKENS) -> list[tuple[int, int]]:
-    """Cut texts sorted by token count (``lengths`` ascending) into forward passes
-    ``[start, end)`` of at most ``max_size`` texts, at the least cost: each pass
-    costs ``overhead_tokens`` plus its texts times its longest (what it computes,
-    padding included). Exact, by dynamic programming over the cut points:
-    O(len(lengths) * max_size).
-
-    >>> plan_passes([9, 10, 11, 40], 16, overhead_tokens=24)  # the long one alone: 24+33 + 24+40 < 24+160
-    [(0, 3), (3, 4)]
-    >>> plan_passes([9, 10, 11, 12], 16, overhead_tokens=24)  # alike: one pass
-    [(0, 4)]
-    >>> plan_passes([10] * 5, 2)
-    [(0, 1), (1, 3), (3, 5)]
-    """
-    if max_size < 1:
-        raise ValueError(f"max_size must be at least 1, got {max_size}")
-    n = len(lengths)
-    best = [0.0] + [float("inf")] * n  # best[j]: the least cost of the first j texts
-    cut = [0] * (n + 1)  # cut[j]: where the last pass of that plan starts
-    for j in range(1, n + 1):
-        longest = lengths[j - 1]  # sorted: a pass that ends at j pads to this
-        for i in range(max(0, j - max_size), j):
-            cost = best[i] + overhead_tokens + (j - i) * longest
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    passes, j = [], n
-    while j > 0:
-        passes.append((cut[j], j))
-        j = cut[j]
-    return passes[::-1]
-
-
-def _read_labels(path: Path) -> tuple[list[str], int]:
-    """(labels, max_length) from the labels.json that :meth:`Student.save` writes."""
-    if not (path / LABELS_FILE).is_file():
-        raise ModelError(f"{path} has no {LABELS_FILE}; expected a directory written by Student.save()")
-    try:
-        meta = json.loads((path / LABELS_FILE).read_text(encoding="utf-8"))
-        return list(meta["labels"]), int(meta["max_length"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ModelError(f"{path / LABELS_FILE} is not a valid label map: {_first_line(err)}") from None
 
 
 def _resolve_device(device) -> torch.device:

@@ -1,0 +1,70 @@
+"""What serving a saved student takes beyond its forward pass, without torch:
+its label map (``labels.json``, written by :meth:`pgkd.student.Student.save`)
+and the plan that cuts a batch of texts into forward passes of similar length.
+Both students use it: :class:`pgkd.student.Student` and the torch-free
+:class:`pgkd.graph_student.GraphStudent`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from pgkd.errors import ModelError
+
+LABELS_FILE = "labels.json"
+# What one forward pass costs beyond its tokens, in tokens: MiniLM-L6 on one CPU thread
+# spends ~0.21 ms per token and ~1.5-4 ms (ONNX Runtime) to ~10 ms (TorchScript) per pass
+# whatever its size (docs/BENCHMARKS.md, "planned passes"); 16-64 measured alike.
+PASS_OVERHEAD_TOKENS = 24
+TOKENIZE_CHUNK = 4096  # texts tokenized at once by Student.batches (bounds the padded array)
+
+
+def read_labels(path: Path) -> tuple[list[str], int]:
+    """(labels, max_length) from the labels.json that :meth:`Student.save` writes."""
+    if not (path / LABELS_FILE).is_file():
+        raise ModelError(f"{path} has no {LABELS_FILE}; expected a directory written by Student.save()")
+    try:
+        meta = json.loads((path / LABELS_FILE).read_text(encoding="utf-8"))
+        return list(meta["labels"]), int(meta["max_length"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelError(f"{path / LABELS_FILE} is not a valid label map: {_first_line(err)}") from None
+
+
+def plan_passes(lengths: Sequence[int], max_size: int,
+                overhead_tokens: float = PASS_OVERHEAD_TOKENS) -> list[tuple[int, int]]:
+    """Cut texts sorted by token count (``lengths`` ascending) into forward passes
+    ``[start, end)`` of at most ``max_size`` texts, at the least cost: each pass
+    costs ``overhead_tokens`` plus its texts times its longest (what it computes,
+    padding included). Exact, by dynamic programming over the cut points:
+    O(len(lengths) * max_size).
+
+    >>> plan_passes([9, 10, 11, 40], 16, overhead_tokens=24)  # the long one alone: 24+33 + 24+40 < 24+160
+    [(0, 3), (3, 4)]
+    >>> plan_passes([9, 10, 11, 12], 16, overhead_tokens=24)  # alike: one pass
+    [(0, 4)]
+    >>> plan_passes([10] * 5, 2)
+    [(0, 1), (1, 3), (3, 5)]
+    """
+    if max_size < 1:
+        raise ValueError(f"max_size must be at least 1, got {max_size}")
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[j]: the least cost of the first j texts
+    cut = [0] * (n + 1)  # cut[j]: where the last pass of that plan starts
+    for j in range(1, n + 1):
+        longest = lengths[j - 1]  # sorted: a pass that ends at j pads to this
+        for i in range(max(0, j - max_size), j):
+            cost = best[i] + overhead_tokens + (j - i) * longest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    passes, j = [], n
+    while j > 0:
+        passes.append((cut[j], j))
+        j = cut[j]
+    return passes[::-1]
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
