@@ -24,7 +24,7 @@ from typing import Any, Callable
 from pgkd.data import LabelledTexts
 from pgkd.errors import BudgetExhausted, ConfigError
 from pgkd.mining import mine_examples
-from pgkd.report import classification_report, weakest_classes
+from pgkd.report import classification_report, headline, weakest_classes
 from pgkd.student import Student
 from pgkd.teacher import Teacher
 from pgkd.training import TrainConfig, train, train_head
@@ -69,11 +69,6 @@ def evaluate(student: Student, data: LabelledTexts, batch_size: int = 64) -> dic
     """The classification report of ``student`` on ``data``."""
     predicted = student.predict(list(data.texts), batch_size=batch_size)
     return classification_report(list(data.labels), predicted, student.labels)
-
-
-def headline(report: dict) -> dict:
-    """The three numbers a run is judged on."""
-    return {k: round(float(report[k]), 4) for k in ("accuracy", "macro_f1", "weighted_f1")}
 
 
 def _fit(cfg: DistillConfig):

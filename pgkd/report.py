@@ -99,3 +99,12 @@ def weakest_classes(report: dict, k: int) -> list[str]:
     """
     scored = [(s["f1"], s["support"], label) for label, s in report["per_class"].items() if s["support"] > 0]
     return [label for _, _, label in sorted(scored)[: max(k, 0)]]
+
+
+def headline(report: dict) -> dict:
+    """The three numbers a run is judged on.
+
+    >>> headline({"accuracy": 0.912345, "macro_f1": 0.9, "weighted_f1": 0.91, "per_class": {}})
+    {'accuracy': 0.9123, 'macro_f1': 0.9, 'weighted_f1': 0.91}
+    """
+    return {k: round(float(report[k]), 4) for k in ("accuracy", "macro_f1", "weighted_f1")}

@@ -36,9 +36,7 @@ from pgkd.data import LabelledTexts, load_labelled
 from pgkd.drift import reference_from_predictions
 from pgkd.errors import ConfigError, RegistryUnavailable
 from pgkd.gate import GateConfig, GateDecision, evaluate_gate
-from pgkd.loop import headline
-from pgkd.report import classification_report
-from pgkd.training import TrainConfig
+from pgkd.report import classification_report, headline
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,6 +44,7 @@ if TYPE_CHECKING:
     from pgkd.registry import Registry
     from pgkd.settings import Settings
     from pgkd.student import Student
+    from pgkd.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +139,8 @@ class RoundConfig:
 
                 cuda = torch.cuda.is_available()
             mode = "full" if cuda else "head"
+        from pgkd.training import TrainConfig  # torch: only the trainer builds a round's config
+
         train = TrainConfig(
             epochs=settings.trainer_epochs,
             batch_size=settings.trainer_batch_size,
