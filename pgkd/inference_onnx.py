@@ -52,11 +52,13 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from pgkd.inference_opt import TRACE_EXAMPLE, TRACE_TOLERANCE, GraphError, _Logits, check_graph
+from pgkd.errors import GraphError
 from pgkd.registry import graph_file
+
+if TYPE_CHECKING:  # torch is imported where a graph is built or torch tensors are asked for: a
+    import torch  # worker that only loads a stored graph runs without it (pgkd.graph_student)
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,18 @@ class OnnxError(GraphError):
 class OnnxForward:
     """A sequence classifier's forward pass as an ONNX Runtime session: ``logits = forward(encoding)``.
 
-    ``run`` is thread-safe on one session, so lanes and clones share it."""
+    ``run`` is thread-safe on one session, so lanes and clones share it. ``tokenizer``
+    is ``"tokenizers"`` when the graph's builder checked that the ``tokenizers``
+    library alone tokenizes as transformers does for this model
+    (:func:`pgkd.graph_student.tokenizer_matches`): a worker may then serve it
+    without torch (:class:`pgkd.graph_student.GraphStudent`)."""
 
-    def __init__(self, session, names: Sequence[str]):
-        self.session, self.names = session, tuple(names)
+    def __init__(self, session, names: Sequence[str], tokenizer: str = ""):
+        self.session, self.names, self.tokenizer = session, tuple(names), tokenizer
 
     def __call__(self, encoding: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
         feeds = {name: encoding[name].cpu().numpy() for name in self.names}
         return torch.from_numpy(self.session.run(None, feeds)[0])
 
@@ -101,6 +109,10 @@ def export_forward(model: torch.nn.Module, encode, quantize: str = "fp32", threa
 def build_onnx(model: torch.nn.Module, encode, quantize: str, target: Path, threads: int | None = None) -> tuple:
     """Export ``model`` to ``target`` (int8 when asked), checked against the eager
     model at each step; returns the graph's input names. OnnxError when it fails."""
+    import torch
+
+    from pgkd.inference_opt import TRACE_EXAMPLE, TRACE_TOLERANCE, _Logits, check_graph
+
     example = encode(list(TRACE_EXAMPLE))
     names = tuple(example.keys())
     fp32_path = target.with_name(target.stem + ".fp32.onnx")
@@ -156,12 +168,16 @@ def optimize_offline(path: Path) -> None:
 def session(model: str | bytes, threads: int | None = None):
     """An ONNX Runtime CPU session of ``model`` (a path or the graph's bytes) with
     ``threads`` intra-op threads (default: torch's), all graph optimizations."""
+    if not threads:
+        import torch
+
+        threads = torch.get_num_threads()
     try:
         import onnxruntime as ort
     except ImportError:
         raise OnnxError("onnxruntime is not installed (pip install onnxruntime onnx)") from None
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # with 2+ threads ORT's pool spins between runs by default: on a few cores shared with the
@@ -205,14 +221,15 @@ def build_in_child(model_dir: Path, quantize: str, threads: int, nice: int = 10,
                    timeout_s: float = CHILD_TIMEOUT_S) -> OnnxForward:
     """The served graph of the :meth:`pgkd.student.Student.save` directory
     ``model_dir``, built by :func:`build_graph_in_child`, loaded here as a session."""
-    graph, names = build_graph_in_child(model_dir, quantize, threads, nice, timeout_s)
-    return OnnxForward(session(graph, threads), names)
+    graph, names, tokenizer = build_graph_in_child(model_dir, quantize, threads, nice, timeout_s)
+    return OnnxForward(session(graph, threads), names, tokenizer)
 
 
 def build_graph_in_child(model_dir: Path, quantize: str, threads: int = 1, nice: int = 10,
-                         timeout_s: float = CHILD_TIMEOUT_S) -> tuple[bytes, tuple[str, ...]]:
+                         timeout_s: float = CHILD_TIMEOUT_S) -> tuple[bytes, tuple[str, ...], str]:
     """The checked graph of the :meth:`pgkd.student.Student.save` directory
-    ``model_dir`` and its input names, built by ``python -m pgkd.inference_onnx`` in
+    ``model_dir``, its input names and what may tokenize for it (``"tokenizers"``
+    or ``""``: :class:`OnnxForward`), built by ``python -m pgkd.inference_onnx`` in
     a child process running at nice value ``nice`` (its own interpreter: the export
     and the quantizer never hold this process's GIL, which a worker's event loop
     and inference thread need). OnnxError with the child's reason when it fails."""
@@ -235,7 +252,7 @@ def build_graph_in_child(model_dir: Path, quantize: str, threads: int = 1, nice:
             raise OnnxError(f"the ONNX graph builder gave no graph: {_first_line(err)}") from None
         if hashlib.sha256(graph).hexdigest() != answer.get("sha256"):
             raise OnnxError("the built ONNX graph does not match the checksum its builder reported")
-    return graph, tuple(answer["inputs"])
+    return graph, tuple(answer["inputs"]), str(answer.get("tokenizer", ""))
 
 
 # --- graphs stored with a version (built when it is published) ---------------------------
@@ -250,15 +267,18 @@ def add_graph(model_dir: Path, quantize: str, threads: int = 1) -> dict:
         import onnxruntime
     except ImportError:
         raise OnnxError("onnxruntime is not installed (pip install onnxruntime onnx)") from None
+    import torch
+
     started = time.perf_counter()
-    graph, names = build_graph_in_child(model_dir, quantize, threads)
+    graph, names, tokenizer = build_graph_in_child(model_dir, quantize, threads)
     target = model_dir / graph_file(quantize)
     target.parent.mkdir(exist_ok=True)
     target.write_bytes(graph)
     log.info("built the %s ONNX graph of %s in %.1fs (%.0f MB)", quantize, model_dir.name,
              time.perf_counter() - started, len(graph) / 1e6)
-    return {"file": graph_file(quantize), "inputs": list(names), "opset": OPSET,
-            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+    entry = {"file": graph_file(quantize), "inputs": list(names), "opset": OPSET,
+             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+    return entry | ({"tokenizer": tokenizer} if tokenizer else {})
 
 
 def load_graph(model_dir: Path, entry: Mapping, threads: int) -> OnnxForward:
@@ -268,7 +288,8 @@ def load_graph(model_dir: Path, entry: Mapping, threads: int) -> OnnxForward:
     ~0.15 s for MiniLM against ~20 s to build it. OnnxError when it does not load
     or its inputs are not the ones the entry names."""
     try:
-        forward = OnnxForward(session(str(model_dir / entry["file"]), threads), entry["inputs"])
+        forward = OnnxForward(session(str(model_dir / entry["file"]), threads), entry["inputs"],
+                              entry.get("tokenizer", ""))
         inputs = [i.name for i in forward.session.get_inputs()]
     except OnnxError:
         raise
@@ -314,10 +335,15 @@ def die_with_parent(parent: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pgkd.inference_onnx MODEL_DIR TARGET``: build the checked graph
-    (what :func:`build_in_child` runs); prints {"sha256", "inputs"} as JSON."""
+    (what :func:`build_in_child` runs); prints {"sha256", "inputs", "tokenizer"}
+    as JSON (``tokenizer``: :func:`pgkd.graph_student.tokenizer_matches`)."""
     import argparse
 
+    import torch
+
     from pgkd.errors import ModelError
+    from pgkd.graph_student import CHECKED, tokenizer_matches
+    from pgkd.inference_opt import TRACE_EXAMPLE
     from pgkd.student import Student
 
     p = argparse.ArgumentParser(description="Export a saved student to a checked ONNX graph (int8 when asked).")
@@ -342,8 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OnnxError, ModelError) as err:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    differs = tokenizer_matches(student, args.model_dir, TRACE_EXAMPLE)
+    if differs:  # the graph still serves, with transformers' tokenizer
+        print(f"served with transformers' tokenizer: {differs}", file=sys.stderr)
     digest = hashlib.sha256(args.target.read_bytes()).hexdigest()
-    print(json.dumps({"sha256": digest, "inputs": list(names)}))
+    print(json.dumps({"sha256": digest, "inputs": list(names), "tokenizer": "" if differs else CHECKED}))
     return 0
 
 
@@ -370,6 +399,8 @@ class _DropMessage(logging.Filter):
 
 
 def _layer_count(model: torch.nn.Module) -> int | None:
+    import torch
+
     layers = getattr(getattr(getattr(model, "base_model", model), "encoder", None), "layer", None)
     return len(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) > 1 else None
 

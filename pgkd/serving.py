@@ -22,6 +22,7 @@ from pgkd.registry import MANIFEST_FILE, Registry, stored_graph, unread_by_graph
 
 if TYPE_CHECKING:
     from pgkd.settings import Settings
+    from pgkd.graph_student import GraphStudent
     from pgkd.student import Student
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 class ServingModel:
     """A loaded student and the version name its answers carry."""
 
-    student: Student
+    student: Student | GraphStudent
     version: str
     path: Path
 
@@ -91,8 +92,8 @@ def _fallback_path(settings: Settings) -> Path:
     return path
 
 
-# The tokenizers of the versions in memory, by the checksums of the files they were loaded
-# from (tokenizer_key). A version whose files are the same (a retrained version keeps its
+# The tokenizers of the versions in memory, by the student class that uses them and the
+# checksums of the files they were loaded from (tokenizer_key). A version whose files are the same (a retrained version keeps its
 # parent's: Student.save) shares the tokenizer instead of loading its own: parsing
 # tokenizer.json holds the GIL 40-50 ms in one piece, the longest stall a swap put on
 # inference and the event loop. An entry lives as long as a student holds its tokenizer.
@@ -126,10 +127,7 @@ def load_version(settings: Settings, version: str) -> ServingModel:
             registry.verify(version, unread=unread_by_graph(manifest, settings.inference_quantize) if graph else ())
             key = tokenizer_key(manifest)
         student = _prepared(path, settings, lambda: registry.load(version), graph,
-                            verify_all=lambda: registry.verify(version),
-                            tokenizer=_TOKENIZERS.get(key) if key else None)
-        if key and student.graph == "onnxruntime":
-            _TOKENIZERS.setdefault(key, student.tokenizer)
+                            verify_all=lambda: registry.verify(version), tokenizer_key=key)
     log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
              student.device, student.quantize, student.graph)
     return ServingModel(student=student, version=version, path=path)
@@ -151,8 +149,15 @@ def graphs_to_publish(settings: Settings) -> tuple[str, ...]:
 def prepare(student: Student, settings: Settings, graph: str | None = None) -> Student:
     """Quantize and trace ``student`` for serving as the settings ask
     (PGKD_INFERENCE_QUANTIZE; ``graph``, default PGKD_INFERENCE_GRAPH). A model that
-    does not trace faithfully is served eager: logged, with the reason."""
-    from pgkd.inference_opt import GraphError
+    does not trace faithfully is served eager: logged, with the reason. torch runs
+    on PGKD_TORCH_THREADS intra-op threads when set (here: a worker served by a
+    :class:`pgkd.graph_student.GraphStudent` never imports torch)."""
+    from pgkd.errors import GraphError
+
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
 
     graph = graph or settings.inference_graph
     try:  # quantizes first: a refused trace leaves the student quantized and eager
@@ -163,7 +168,7 @@ def prepare(student: Student, settings: Settings, graph: str | None = None) -> S
 
 
 def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph: dict | None = None,
-              verify_all: Callable[[], object] = lambda: None, tokenizer=None) -> Student:
+              verify_all: Callable[[], object] = lambda: None, tokenizer_key: tuple | None = None) -> Student:
     """The student of the verified directory ``path``, ready to serve as the settings
     ask. onnxruntime: the session of the version's stored graph (``graph``, its
     manifest entry: built when the version was published) loads here, with the
@@ -171,16 +176,17 @@ def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph
     the quantizer are ~20 s of Python that would hold this worker's GIL) from the
     files; when both fail, torchscript (logged). ``verify_all()`` runs before a
     build that replaces a stored graph (whose caller hashed only what that graph
-    reads); ``tokenizer``: one already loaded from files with the same checksums.
+    reads). A graph whose builder checked the ``tokenizers`` library against
+    transformers' tokenizer is served by a :class:`pgkd.graph_student.GraphStudent`:
+    neither torch nor transformers is imported. ``tokenizer_key``: the version's
+    :func:`tokenizer_key`, to share the tokenizer of a version in memory.
     The other graphs: ``load()`` the torch model here, then :func:`prepare`."""
     if settings.inference_graph != "onnxruntime":
         return prepare(load(), settings)
-    import torch
-
+    from pgkd.graph_student import CHECKED, GraphStudent, default_threads
     from pgkd.inference_onnx import OnnxError, build_in_child, load_graph
-    from pgkd.student import Student
 
-    threads = settings.torch_threads or torch.get_num_threads()
+    threads = settings.torch_threads or default_threads()
     try:
         forward = None
         if graph is not None:
@@ -192,10 +198,30 @@ def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph
             if graph is not None:
                 verify_all()  # the build reads the torch weights, which were not hashed for the stored graph
             forward = build_in_child(path, settings.inference_quantize, threads)
-        return Student.served_by(path, forward, settings.inference_quantize, "onnxruntime", tokenizer)
+        if forward.tokenizer == CHECKED:
+            try:
+                return _shared(tokenizer_key, GraphStudent, lambda shared: GraphStudent.served_by(
+                    path, forward, settings.inference_quantize, shared))
+            except ModelError as err:
+                log.warning("%s is served with transformers' tokenizer (%s)", path.name, err)
+        from pgkd.student import Student
+
+        return _shared(tokenizer_key, Student, lambda shared: Student.served_by(
+            path, forward, settings.inference_quantize, "onnxruntime", shared))
     except OnnxError as err:
         log.warning("PGKD_INFERENCE_GRAPH=onnxruntime refused for this model (%s); serving torchscript", err)
         return prepare(load(), settings, graph="torchscript")
+
+
+def _shared(key: tuple | None, kind: type, make: Callable[[object], Student]) -> Student:
+    """``make(tokenizer)`` given the tokenizer of a ``kind`` student in memory whose
+    files have the checksums ``key`` (None when there is none: ``make`` loads one);
+    the new student's tokenizer is then kept for the next version with those files."""
+    if key is None:
+        return make(None)
+    student = make(_TOKENIZERS.get((kind.__name__, key)))
+    _TOKENIZERS.setdefault((kind.__name__, key), student.tokenizer)
+    return student
 
 
 def load_serving_model(settings: Settings) -> ServingModel:

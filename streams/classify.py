@@ -56,10 +56,6 @@ class Classifier:
     async def start(self) -> None:
         if self.model is not None:  # the agent restarts on rebalances; the model stays
             return
-        if self.settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.settings.torch_threads)
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(self._executor, load_serving_model, self.settings)
         self.swap(model)

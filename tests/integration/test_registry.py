@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
 import threading
 import types
@@ -17,6 +18,7 @@ import redis
 
 from pgkd import registry as registry_module
 from pgkd.cli import main
+from pgkd.graph_student import GraphStudent
 from pgkd.errors import (
     ConfigError,
     ModelIntegrityError,
@@ -371,6 +373,7 @@ def test_a_published_graph_serves_without_a_build_and_a_tampered_one_is_refused(
     assert manifest["files"]["onnx/model.int8.onnx"] == sha256(graph)
     entry = manifest["graphs"]["int8"]
     assert (entry["file"], entry["inputs"], entry["opset"]) == ("onnx/model.int8.onnx", list(student.encode(["x"])), 17)
+    assert entry["tokenizer"] == "tokenizers"  # its builder checked the tokenizers library against transformers
     registry.promote(version, reason="seed")
 
     def no_build(*args, **kwargs):
@@ -382,6 +385,13 @@ def test_a_published_graph_serves_without_a_build_and_a_tampered_one_is_refused(
     served = load_serving_model(load_settings())
     assert (served.version, served.student.graph, served.student.quantize) == (version, "onnxruntime", "int8")
     assert served.student.model is None  # only the session and the tokenizer
+    assert isinstance(served.student, GraphStudent)
+    # a worker that serves it never imports torch or transformers (start-up time, memory, GC pauses)
+    probe = ("import sys; from pgkd.serving import load_serving_model; from pgkd.settings import load_settings; "
+             "m = load_serving_model(load_settings()); m.student.predict_proba(['my card is lost']); "
+             "print(m.version, type(m.student).__name__, sorted({'torch', 'transformers'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split() == [version, "GraphStudent", "[]"], done.stderr[-2000:]
     texts = ["my card is lost", "refund please, it has been a week"]
     reference = pgkd.inference_onnx.session(str(graph), 1)
     encoding = student.encode(texts)
@@ -477,7 +487,7 @@ def test_a_stored_graph_this_runtime_cannot_load_is_rebuilt(env, registry, stude
     import pgkd.inference_onnx
 
     with monkeypatch.context() as patch:
-        patch.setattr(pgkd.inference_onnx, "build_graph_in_child", lambda *a, **kw: (b"not a graph", ("input_ids",)))
+        patch.setattr(pgkd.inference_onnx, "build_graph_in_child", lambda *a, **kw: (b"not a graph", ("input_ids",), ""))
         version = registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={}, graphs=("int8",))
     env.setenv("PGKD_INFERENCE_GRAPH", "onnxruntime")
     env.setenv("PGKD_INFERENCE_QUANTIZE", "int8")
@@ -583,7 +593,7 @@ def test_cli_import_stores_the_onnx_graph_asked_for(env, capsys, student, tmp_pa
 
     built = []
     monkeypatch.setattr(pgkd.inference_onnx, "build_graph_in_child",
-                        lambda model_dir, quantize, *a, **kw: built.append(quantize) or (b"graph", ("input_ids",)))
+                        lambda model_dir, quantize, *a, **kw: built.append(quantize) or (b"graph", ("input_ids",), ""))
     student.save(tmp_path / "model")
     code, out, err = run(capsys, "models", "import", str(tmp_path / "model"))
     assert (code, built) == (0, []), err  # auto: the default settings serve torchscript

@@ -63,7 +63,7 @@ def test_a_candidate_carries_the_graph_the_workers_serve(setup, monkeypatch):
     registry, ledger, runner, seed = setup
     built = []
     monkeypatch.setattr(pgkd.inference_onnx, "build_graph_in_child",  # the real build: tests/integration/test_registry
-                        lambda model_dir, quantize, *a, **kw: built.append(model_dir) or (b"graph", ("input_ids",)))
+                        lambda model_dir, quantize, *a, **kw: built.append(model_dir) or (b"graph", ("input_ids",), ""))
     runner.cfg = dataclasses.replace(runner.cfg, graphs=("int8",))
     result = runner.process(request(1), [])
     candidate = result.record["candidate"]
