@@ -231,14 +231,18 @@ def load_serving_model(settings: Settings) -> ServingModel:
     if version is not None:
         return load_version(settings, version)
 
-    from pgkd.student import Student
-
     path = _fallback_path(settings)
-    student = _prepared(path, settings, lambda: Student.load(path))
+    student = _prepared(path, settings, lambda: _load_student(path))
     version = model_version(path)
     log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
              student.device, student.quantize, student.graph)
     return ServingModel(student=student, version=version, path=path)
+
+
+def _load_student(path: Path) -> Student:
+    from pgkd.student import Student  # torch and transformers: only for the graphs that need them
+
+    return Student.load(path)
 
 
 def load_taxonomy(settings: Settings) -> list[str]:

@@ -93,3 +93,25 @@ def test_what_the_classify_curator_and_teacher_workers_import_leaves_torch_out()
     probe = f"import sys; import {', '.join(modules)}; print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_worker_serving_a_model_directory_by_onnx_runtime_never_imports_torch(saved):
+    # PGKD_SERVE_MODEL (no registry): the graph is built by a child process, which checks the
+    # tokenizer; this process then serves it as a GraphStudent (the registry's case: test_registry)
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    path, _, _ = saved
+    with socket.socket() as sock:  # a port nothing listens on: the registry's Redis is down
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGKD_")} | {
+        "PGKD_SERVE_MODEL": str(path), "PGKD_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "PGKD_INFERENCE_GRAPH": "onnxruntime", "PGKD_INFERENCE_QUANTIZE": "int8", "PGKD_TORCH_THREADS": "1"}
+    probe = ("import sys; from pgkd.serving import load_serving_model; from pgkd.settings import load_settings; "
+             "m = load_serving_model(load_settings()); m.student.predict_proba(['x']); "
+             "print(type(m.student).__name__, sorted({'torch', 'transformers'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.split() == ["GraphStudent", "[]"], done.stderr[-2000:]
