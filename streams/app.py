@@ -40,8 +40,9 @@ def _credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
     return credentials
 
 
-def build_app(settings: Settings, role: str) -> faust.App:
-    """The Faust App of one worker role ("classify" or "teacher")."""
+def build_app(settings: Settings, role: str, **conf: object) -> faust.App:
+    """The Faust App of one worker role; ``conf``: Faust settings of that role
+    (given here: set on ``app.conf`` later, Faust warns that parts may still use the old value)."""
     app_id = f"{settings.app_id_prefix}-{role}"
     # Faust creates datadir without parents; it holds nothing for a memory store.
     datadir = settings.faust_datadir / app_id
@@ -72,6 +73,7 @@ def build_app(settings: Settings, role: str) -> faust.App:
         broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
         # a 1 MB input is legal Kafka; its dead letter is cut (dlq_max_original_bytes)
         producer_max_request_size=2 * 1024 * 1024,
+        **conf,
     )
     return app
 

@@ -27,6 +27,7 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import faust
 import redis
 
 from pgkd.curation import SampleStore
@@ -170,12 +171,13 @@ class TrainerWorker:
 
 
 settings = load_settings()
-app = build_app(settings, "trainer")
 # A round holds the agent for minutes; Faust's consumer keeps heartbeating meanwhile,
 # and a round may take up to the round timeout between two polls of this agent.
-app.conf.broker_max_poll_interval = max(app.conf.broker_max_poll_interval, settings.trainer_round_timeout_s)
-app.conf.broker_commit_livelock_soft_timeout = max(app.conf.broker_commit_livelock_soft_timeout,
-                                                   settings.trainer_round_timeout_s)
+_faust = faust.Settings
+app = build_app(settings, "trainer",
+                broker_max_poll_interval=max(_faust.broker_max_poll_interval.default, settings.trainer_round_timeout_s),
+                broker_commit_livelock_soft_timeout=max(_faust.broker_commit_livelock_soft_timeout.default,
+                                                        settings.trainer_round_timeout_s))
 topics = declare_topics(app, settings)
 trainer = TrainerWorker(settings, topics)
 
