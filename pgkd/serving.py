@@ -21,8 +21,8 @@ from pgkd.errors import ConfigError, ModelError, RegistryUnavailable
 from pgkd.registry import MANIFEST_FILE, Registry, stored_graph, unread_by_graph, weights_or_graph
 
 if TYPE_CHECKING:
-    from pgkd.settings import Settings
     from pgkd.graph_student import GraphStudent
+    from pgkd.settings import Settings
     from pgkd.student import Student
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,11 @@ def _fallback_path(settings: Settings) -> Path:
 
 
 # The tokenizers of the versions in memory, by the student class that uses them and the
-# checksums of the files they were loaded from (tokenizer_key). A version whose files are the same (a retrained version keeps its
-# parent's: Student.save) shares the tokenizer instead of loading its own: parsing
-# tokenizer.json holds the GIL 40-50 ms in one piece, the longest stall a swap put on
-# inference and the event loop. An entry lives as long as a student holds its tokenizer.
+# checksums of the files they were loaded from (tokenizer_key). A version whose files are
+# the same (a retrained version keeps its parent's: Student.save) shares the tokenizer
+# instead of loading its own: parsing tokenizer.json holds the GIL 40-50 ms in one piece,
+# the longest stall a swap put on inference and the event loop. An entry lives as long
+# as a student holds its tokenizer.
 _TOKENIZERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
@@ -168,7 +169,8 @@ def prepare(student: Student, settings: Settings, graph: str | None = None) -> S
 
 
 def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph: dict | None = None,
-              verify_all: Callable[[], object] = lambda: None, tokenizer_key: tuple | None = None) -> Student:
+              verify_all: Callable[[], object] = lambda: None,
+              tokenizer_key: tuple | None = None) -> Student | GraphStudent:
     """The student of the verified directory ``path``, ready to serve as the settings
     ask. onnxruntime: the session of the version's stored graph (``graph``, its
     manifest entry: built when the version was published) loads here, with the
@@ -213,7 +215,8 @@ def _prepared(path: Path, settings: Settings, load: Callable[[], Student], graph
         return prepare(load(), settings, graph="torchscript")
 
 
-def _shared(key: tuple | None, kind: type, make: Callable[[object], Student]) -> Student:
+def _shared(key: tuple | None, kind: type,
+            make: Callable[[object], Student | GraphStudent]) -> Student | GraphStudent:
     """``make(tokenizer)`` given the tokenizer of a ``kind`` student in memory whose
     files have the checksums ``key`` (None when there is none: ``make`` loads one);
     the new student's tokenizer is then kept for the next version with those files."""

@@ -39,7 +39,7 @@ def saved(tiny_encoder_dir, tmp_path):
 
 
 def test_it_answers_as_the_torch_student_over_the_same_graph(saved):
-    path, forward, student = saved
+    path, forward, _ = saved
     torch_served = Student.served_by(path, forward, "int8", "onnxruntime")
     served = GraphStudent.served_by(path, forward, "int8")
     assert (served.labels, served.max_length, served.graph, served.quantize) == (LABELS, 32, "onnxruntime", "int8")
@@ -113,5 +113,5 @@ def test_a_worker_serving_a_model_directory_by_onnx_runtime_never_imports_torch(
     probe = ("import sys; from pgkd.serving import load_serving_model; from pgkd.settings import load_settings; "
              "m = load_serving_model(load_settings()); m.student.predict_proba(['x']); "
              "print(type(m.student).__name__, sorted({'torch', 'transformers'} & set(sys.modules)))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env, check=False)
     assert done.returncode == 0 and done.stdout.split() == ["GraphStudent", "[]"], done.stderr[-2000:]
