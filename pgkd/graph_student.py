@@ -175,12 +175,23 @@ def tokenizer_matches(student, path: Path, texts: Sequence[str]) -> str:
 
 
 def default_threads() -> int:
-    """Intra-op threads when PGKD_TORCH_THREADS is 0: OMP_NUM_THREADS if set, else
-    one per CPU this process may run on (torch's default, without importing torch)."""
+    """Intra-op threads when PGKD_TORCH_THREADS is 0, as torch would pick them
+    without importing it: OMP_NUM_THREADS if set, else one per physical core this
+    process may run on (hyperthreads of one core count once; every CPU when the
+    topology cannot be read)."""
     try:
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
     except ValueError:
-        return max(1, len(os.sched_getaffinity(0)))
+        pass
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
 
 
 def _read_config(path: Path) -> dict:

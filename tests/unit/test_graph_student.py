@@ -115,3 +115,19 @@ def test_a_worker_serving_a_model_directory_by_onnx_runtime_never_imports_torch(
              "print(type(m.student).__name__, sorted({'torch', 'transformers'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env, check=False)
     assert done.returncode == 0 and done.stdout.split() == ["GraphStudent", "[]"], done.stderr[-2000:]
+
+
+def test_default_threads_are_torchs_default_without_importing_torch(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from pgkd.graph_student import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    probe = "import torch; from pgkd.graph_student import default_threads; print(torch.get_num_threads(), default_threads())"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env, check=True)
+    torch_default, ours = done.stdout.split()
+    assert ours == torch_default
