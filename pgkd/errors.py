@@ -3,6 +3,20 @@ what was found and, where there is one, the fix. The CLI prints ``str(err)``
 and exits non-zero; workers turn them into dead-letter reasons."""
 
 
+def first_line(err: BaseException, width: int = 200) -> str:
+    """The first line of ``err``'s message, at most ``width`` characters; its type's
+    name when the message is empty. For one-line reasons built from third-party
+    exceptions, whose messages often run to tracebacks or dumps.
+
+    >>> first_line(ValueError("bad value\\nat line 3"))
+    'bad value'
+    >>> first_line(KeyError())
+    'KeyError'
+    """
+    text = str(err).strip()
+    return text.splitlines()[0][:width] if text else type(err).__name__
+
+
 class PGKDError(Exception):
     """Base class of every error this project raises on purpose."""
 

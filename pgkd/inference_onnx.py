@@ -54,7 +54,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pgkd.errors import GraphError
+from pgkd.errors import GraphError, first_line
 from pgkd.registry import graph_file
 
 if TYPE_CHECKING:  # torch is imported where a graph is built or torch tensors are asked for: a
@@ -128,7 +128,7 @@ def build_onnx(model: torch.nn.Module, encode, quantize: str, target: Path, thre
     except OnnxError:
         raise
     except Exception as err:  # noqa: BLE001 - whatever the exporter or the runtime raises, another graph serves
-        raise OnnxError(f"ONNX export failed: {type(err).__name__}: {_first_line(err)}") from None
+        raise OnnxError(f"ONNX export failed: {type(err).__name__}: {first_line(err)}") from None
     check_graph(model, forward, encode, TRACE_TOLERANCE, OnnxError, "the fp32 ONNX graph")
     if quantize == "int8":
         quantize_onnx(fp32_path, target, _layer_count(model))
@@ -162,7 +162,7 @@ def optimize_offline(path: Path) -> None:
         optimized.replace(path)
     except Exception as err:  # noqa: BLE001
         optimized.unlink(missing_ok=True)
-        raise OnnxError(f"ONNX Runtime could not optimize the graph: {type(err).__name__}: {_first_line(err)}") from None
+        raise OnnxError(f"ONNX Runtime could not optimize the graph: {type(err).__name__}: {first_line(err)}") from None
 
 
 def session(model: str | bytes, threads: int | None = None):
@@ -210,7 +210,7 @@ def quantize_onnx(source: Path, target: Path, layers: int | None) -> int:
             quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
                              nodes_to_quantize=chosen)
     except Exception as err:  # noqa: BLE001
-        raise OnnxError(f"ONNX int8 quantization failed: {type(err).__name__}: {_first_line(err)}") from None
+        raise OnnxError(f"ONNX int8 quantization failed: {type(err).__name__}: {first_line(err)}") from None
     return len(chosen)
 
 
@@ -249,7 +249,7 @@ def build_graph_in_child(model_dir: Path, quantize: str, threads: int = 1, nice:
             answer = json.loads(done.stdout.strip().splitlines()[-1])
             graph = target.read_bytes()
         except (ValueError, IndexError, OSError) as err:
-            raise OnnxError(f"the ONNX graph builder gave no graph: {_first_line(err)}") from None
+            raise OnnxError(f"the ONNX graph builder gave no graph: {first_line(err)}") from None
         if hashlib.sha256(graph).hexdigest() != answer.get("sha256"):
             raise OnnxError("the built ONNX graph does not match the checksum its builder reported")
     return graph, tuple(answer["inputs"]), str(answer.get("tokenizer", ""))
@@ -294,7 +294,7 @@ def load_graph(model_dir: Path, entry: Mapping, threads: int) -> OnnxForward:
     except OnnxError:
         raise
     except Exception as err:  # noqa: BLE001 - a graph this runtime cannot load: build one instead
-        raise OnnxError(f"the stored ONNX graph does not load: {type(err).__name__}: {_first_line(err)}") from None
+        raise OnnxError(f"the stored ONNX graph does not load: {type(err).__name__}: {first_line(err)}") from None
     if sorted(inputs) != sorted(forward.names):
         raise OnnxError(f"the stored ONNX graph takes {inputs}, its manifest says {list(forward.names)}")
     return forward
@@ -404,10 +404,6 @@ def _layer_count(model: torch.nn.Module) -> int | None:
     layers = getattr(getattr(getattr(model, "base_model", model), "encoder", None), "layer", None)
     return len(layers) if isinstance(layers, torch.nn.ModuleList) and len(layers) > 1 else None
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 if __name__ == "__main__":

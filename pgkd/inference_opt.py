@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from pgkd.errors import GraphError, ModelError
+from pgkd.errors import GraphError, ModelError, first_line
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 
@@ -185,7 +185,7 @@ def trace_forward(model: torch.nn.Module, encode) -> TracedForward:
             warnings.simplefilter("ignore")
             graph = torch.jit.trace(_Logits(model, names), tuple(example[n] for n in names), check_trace=False)
     except Exception as err:  # noqa: BLE001 - whatever torch.jit raises, the eager model serves
-        raise TraceError(f"torch.jit.trace failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+        raise TraceError(f"torch.jit.trace failed: {type(err).__name__}: {first_line(err)}") from None
     traced = TracedForward(graph, names)
     check_graph(model, traced, encode, TRACE_TOLERANCE, TraceError, "the traced graph")
     return traced

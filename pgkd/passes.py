@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from pgkd.errors import ModelError
+from pgkd.errors import ModelError, first_line
 
 LABELS_FILE = "labels.json"
 # What one forward pass costs beyond its tokens, in tokens: MiniLM-L6 on one CPU thread
@@ -29,7 +29,7 @@ def read_labels(path: Path) -> tuple[list[str], int]:
         meta = json.loads((path / LABELS_FILE).read_text(encoding="utf-8"))
         return list(meta["labels"]), int(meta["max_length"])
     except (ValueError, KeyError, TypeError) as err:
-        raise ModelError(f"{path / LABELS_FILE} is not a valid label map: {_first_line(err)}") from None
+        raise ModelError(f"{path / LABELS_FILE} is not a valid label map: {first_line(err)}") from None
 
 
 def plan_passes(lengths: Sequence[int], max_size: int,
@@ -64,7 +64,3 @@ def plan_passes(lengths: Sequence[int], max_size: int,
         j = cut[j]
     return passes[::-1]
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

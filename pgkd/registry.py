@@ -46,7 +46,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from pgkd.errors import ModelIntegrityError, RegistryError, RegistryUnavailable
+from pgkd.errors import ModelIntegrityError, RegistryError, RegistryUnavailable, first_line
 from pgkd.passes import LABELS_FILE
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ class Registry:
                 redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
             )
         except ValueError as err:
-            raise RegistryError(f"not a Redis URL: {self.redis_url} ({_first_line(err)})") from None
+            raise RegistryError(f"not a Redis URL: {self.redis_url} ({first_line(err)})") from None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
@@ -221,9 +221,9 @@ class Registry:
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError) as err:
-            raise RegistryUnavailable(f"cannot reach the registry's Redis at {self.redis_url}: {_first_line(err)}") from None
+            raise RegistryUnavailable(f"cannot reach the registry's Redis at {self.redis_url}: {first_line(err)}") from None
         except redis.RedisError as err:
-            raise RegistryError(f"the registry's Redis at {self.redis_url} failed: {_first_line(err)}") from None
+            raise RegistryError(f"the registry's Redis at {self.redis_url} failed: {first_line(err)}") from None
 
     # --- the store ----------------------------------------------------------------
 
@@ -337,7 +337,7 @@ class Registry:
                 raise ValueError('no "files" object')
         except (OSError, ValueError) as err:
             raise ModelIntegrityError(
-                f"{version} refused: {MANIFEST_FILE} is unreadable ({_first_line(err)}) in {path.parent}"
+                f"{version} refused: {MANIFEST_FILE} is unreadable ({first_line(err)}) in {path.parent}"
             ) from None
         except RecursionError:  # a nesting bomb
             raise ModelIntegrityError(
@@ -670,7 +670,3 @@ def _shown(name: str, width: int = 80) -> str:
     """
     return name if name.isprintable() and len(name) <= width else repr(name[:width])
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

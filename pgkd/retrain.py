@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from pgkd.curation import Sample, TextGuard, sample_hash
 from pgkd.data import LabelledTexts, load_labelled
 from pgkd.drift import reference_from_predictions
-from pgkd.errors import ConfigError, RegistryUnavailable
+from pgkd.errors import ConfigError, RegistryUnavailable, first_line
 from pgkd.gate import GateConfig, GateDecision, evaluate_gate
 from pgkd.report import classification_report, headline
 
@@ -365,7 +365,7 @@ class RoundRunner:
             if isinstance(err, RegistryUnavailable):
                 raise  # cannot record anything: the worker exits and the request is redelivered
             log.exception("round %s (request %s) failed", request["round"], rid)
-            reason = f"{type(err).__name__}: {_first_line(err)}"
+            reason = f"{type(err).__name__}: {first_line(err)}"
             return self._finish(rid, {**failed_record(request, reason, self._current()), "attempts": attempt})
         if outcome.promotion:
             self.ledger.update(rid, promotion=outcome.promotion)
@@ -434,7 +434,3 @@ class TrainerLock:
         value = await self._redis.get(self.key)
         return value.decode() if isinstance(value, bytes) else value
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding
 from transformers.utils import logging as hf_logging
 
-from pgkd.errors import ModelError
+from pgkd.errors import ModelError, first_line
 from pgkd.passes import LABELS_FILE, TOKENIZE_CHUNK, plan_passes, read_labels
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class Student:
                     trust_remote_code=False,
                 )
         except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load encoder {source!r}: {_first_line(err)}") from None
+            raise ModelError(f"cannot load encoder {source!r}: {first_line(err)}") from None
         _check_max_length(model, max_length, source)
         return cls(model, tokenizer, labels, max_length, _resolve_device(device))
 
@@ -128,7 +128,7 @@ class Student:
                     path, use_safetensors=True, trust_remote_code=False
                 )
         except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load the model in {path}: {_first_line(err)}") from None
+            raise ModelError(f"cannot load the model in {path}: {first_line(err)}") from None
         if model.config.num_labels != len(labels):
             raise ModelError(
                 f"{path}: the model has {model.config.num_labels} outputs but {LABELS_FILE} lists {len(labels)} labels"
@@ -149,7 +149,7 @@ class Student:
                 with _quiet_transformers():
                     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load the tokenizer in {path}: {_first_line(err)}") from None
+            raise ModelError(f"cannot load the tokenizer in {path}: {first_line(err)}") from None
         student = cls(None, tokenizer, labels, max_length)
         student._forward, student.quantize, student.graph = forward, quantize, graph
         return student
@@ -175,7 +175,7 @@ class Student:
             meta = {"labels": self.labels, "max_length": self.max_length}
             (path / LABELS_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         except OSError as err:
-            raise ModelError(f"cannot save the model to {path}: {_first_line(err)}") from None
+            raise ModelError(f"cannot save the model to {path}: {first_line(err)}") from None
 
     def clone(self) -> Student:
         """An independent copy of the weights (the tokenizer is shared: it is never changed)."""
@@ -350,10 +350,6 @@ def _check_max_length(model, max_length: int, source: str) -> None:
     if max_length < 2 or (positions is not None and max_length > positions):
         raise ModelError(f"max_length must be between 2 and {positions} for {source!r}, got {max_length}")
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 @contextlib.contextmanager

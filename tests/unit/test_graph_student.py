@@ -66,6 +66,17 @@ def test_its_tokenizer_gives_transformers_ids_and_a_difference_is_named(saved):
     assert tokenizer_matches(student, path, TRACE_EXAMPLE).endswith("names no pad token the tokenizer knows")
 
 
+def test_an_unexpected_failure_of_the_tokenizer_check_only_withholds_the_record(saved, monkeypatch):
+    path, _, student = saved
+
+    def broken(self, texts):
+        raise RuntimeError("encode_batch blew up\nwith a second line")
+
+    monkeypatch.setattr(GraphTokenizer, "encode", broken)
+    assert tokenizer_matches(student, path, TRACE_EXAMPLE) == (
+        "the tokenizer check failed: RuntimeError: encode_batch blew up")
+
+
 def test_a_directory_it_cannot_serve_is_a_model_error(saved):
     path, forward, _ = saved
     (path / "tokenizer.json").write_text("{not json")
