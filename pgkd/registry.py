@@ -326,71 +326,13 @@ class Registry:
 
     def manifest(self, version: str) -> dict:
         """The version's manifest.json (read, not verified)."""
-        path = self.path(version) / MANIFEST_FILE
-        if path.is_symlink():
-            raise ModelIntegrityError(f"{version} refused: {MANIFEST_FILE} is a symbolic link in {path.parent}")
-        if not path.is_file():
-            raise ModelIntegrityError(f"{version} refused: {MANIFEST_FILE} is missing in {path.parent}")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-                raise ValueError('no "files" object')
-        except (OSError, ValueError) as err:
-            raise ModelIntegrityError(
-                f"{version} refused: {MANIFEST_FILE} is unreadable ({first_line(err)}) in {path.parent}"
-            ) from None
-        except RecursionError:  # a nesting bomb
-            raise ModelIntegrityError(
-                f"{version} refused: {MANIFEST_FILE} is unreadable (nested too deeply) in {path.parent}"
-            ) from None
-        if manifest.get("version") != version:
-            raise ModelIntegrityError(
-                f"{version} refused: {MANIFEST_FILE} names version {manifest.get('version')!r:.60} in {path.parent}"
-            )
-        return manifest
+        return read_manifest(self.path(version), version)
 
     def verify(self, version: str, *, unread: Collection[str] = frozenset()) -> dict:
         """The manifest, once every file matches its sha256 and no file is missing
-        or extra; otherwise ModelIntegrityError naming the first bad file.
-
-        ``unread``: files the caller will not open (:func:`unread_by_graph`). They
-        must still be present and listed, and be neither links nor pickles, but
-        are not hashed: a worker serving a stored graph then reads ~64 MB at a
-        swap instead of ~155 (MiniLM int8)."""
-        path = self.path(version)
-        manifest = self.manifest(version)
-        listed: dict[str, str] = manifest["files"]
-        links = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_symlink())
-        if links:  # a link would make us hash (and later load) a file outside the version
-            raise ModelIntegrityError(f"{version} refused: {_shown(links[0])} is a symbolic link in {path}")
-        present = set(_files(path)) - {MANIFEST_FILE}
-        pickles = sorted(name for name in present | listed.keys() if name.lower().endswith(PICKLE_SUFFIXES))
-        if pickles:
-            raise ModelIntegrityError(
-                f"{version} refused: {_shown(pickles[0])} is a pickle file (only safetensors are loaded) in {path}"
-            )
-        # A listed name is hashed only if it is one of the directory's own files:
-        # "../x" or "/etc/passwd" is never one, so it is "missing", never read.
-        missing = sorted(listed.keys() - present)
-        if missing:
-            raise ModelIntegrityError(
-                f"{version} refused: {_shown(missing[0])} is missing (listed in {MANIFEST_FILE}) in {path}"
-            )
-        extra = sorted(present - listed.keys())
-        if extra:
-            raise ModelIntegrityError(
-                f"{version} refused: {_shown(extra[0])} is not listed in {MANIFEST_FILE} (extra file) in {path}"
-            )
-        for name, expected in sorted(listed.items()):
-            if name in unread:
-                continue
-            found = sha256_file(path / name)
-            if found != expected:
-                raise ModelIntegrityError(
-                    f"{version} refused: {_shown(name)} does not match its sha256 "
-                    f"(manifest {_shown(str(expected)[:12])}..., file {found[:12]}...) in {path}"
-                )
-        return manifest
+        or extra; otherwise ModelIntegrityError naming the first bad file
+        (:func:`verify_dir`; ``unread`` as there)."""
+        return verify_dir(self.path(version), version, unread=unread)
 
     def load(self, version: str, device=None) -> Student:
         """The verified version as a :class:`Student` (checksums first, then weights)."""
@@ -575,6 +517,84 @@ def _add_graphs(model_dir: Path, graphs: Sequence[str]) -> dict:
             log.warning("publishing without the %s ONNX graph (%s); workers serving it will build their own",
                         quantize, err)
     return built
+
+
+def read_manifest(directory: Path, version: str | None) -> dict:
+    """The manifest.json of the version directory ``directory`` (read, not verified),
+    which must name ``version``: a registry version. None: whichever version it
+    names (a copy of one, served as ``PGKD_SERVE_MODEL``, under any name).
+    ModelIntegrityError, naming the version (else the directory), when it is
+    missing, unreadable or names another version."""
+    shown = version or directory.name  # who the errors name
+    path = directory / MANIFEST_FILE
+    if path.is_symlink():
+        raise ModelIntegrityError(f"{shown} refused: {MANIFEST_FILE} is a symbolic link in {path.parent}")
+    if not path.is_file():
+        raise ModelIntegrityError(f"{shown} refused: {MANIFEST_FILE} is missing in {path.parent}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise ValueError('no "files" object')
+    except (OSError, ValueError) as err:
+        raise ModelIntegrityError(
+            f"{shown} refused: {MANIFEST_FILE} is unreadable ({first_line(err)}) in {path.parent}"
+        ) from None
+    except RecursionError:  # a nesting bomb
+        raise ModelIntegrityError(
+            f"{shown} refused: {MANIFEST_FILE} is unreadable (nested too deeply) in {path.parent}"
+        ) from None
+    named = manifest.get("version")
+    if (named != version) if version else not isinstance(named, str):
+        raise ModelIntegrityError(
+            f"{shown} refused: {MANIFEST_FILE} names version {named!r:.60} in {path.parent}"
+        )
+    return manifest
+
+
+def verify_dir(directory: Path, version: str | None, *, unread: Collection[str] = frozenset()) -> dict:
+    """The manifest of the version directory ``directory`` (:func:`read_manifest`),
+    once every file matches its sha256 and no file is missing or extra; otherwise
+    ModelIntegrityError naming the first bad file.
+
+    ``unread``: files the caller will not open (:func:`unread_by_graph`). They
+    must still be present and listed, and be neither links nor pickles, but
+    are not hashed: a worker serving a stored graph then reads ~64 MB at a
+    swap instead of ~155 (MiniLM int8)."""
+    path = directory
+    manifest = read_manifest(path, version)
+    shown = version or _shown(manifest["version"])  # a copy: the version its manifest names
+    listed: dict[str, str] = manifest["files"]
+    links = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_symlink())
+    if links:  # a link would make us hash (and later load) a file outside the version
+        raise ModelIntegrityError(f"{shown} refused: {_shown(links[0])} is a symbolic link in {path}")
+    present = set(_files(path)) - {MANIFEST_FILE}
+    pickles = sorted(name for name in present | listed.keys() if name.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ModelIntegrityError(
+            f"{shown} refused: {_shown(pickles[0])} is a pickle file (only safetensors are loaded) in {path}"
+        )
+    # A listed name is hashed only if it is one of the directory's own files:
+    # "../x" or "/etc/passwd" is never one, so it is "missing", never read.
+    missing = sorted(listed.keys() - present)
+    if missing:
+        raise ModelIntegrityError(
+            f"{shown} refused: {_shown(missing[0])} is missing (listed in {MANIFEST_FILE}) in {path}"
+        )
+    extra = sorted(present - listed.keys())
+    if extra:
+        raise ModelIntegrityError(
+            f"{shown} refused: {_shown(extra[0])} is not listed in {MANIFEST_FILE} (extra file) in {path}"
+        )
+    for name, expected in sorted(listed.items()):
+        if name in unread:
+            continue
+        found = sha256_file(path / name)
+        if found != expected:
+            raise ModelIntegrityError(
+                f"{shown} refused: {_shown(name)} does not match its sha256 "
+                f"(manifest {_shown(str(expected)[:12])}..., file {found[:12]}...) in {path}"
+            )
+    return manifest
 
 
 def _files(root: Path) -> list[str]:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgkd.errors import ConfigError, ModelError, RegistryUnavailable
-from pgkd.registry import MANIFEST_FILE, Registry, stored_graph, unread_by_graph, weights_or_graph
+from pgkd.registry import (MANIFEST_FILE, Registry, read_manifest, stored_graph, unread_by_graph, verify_dir,
+                           weights_or_graph)
 
 if TYPE_CHECKING:
     from pgkd.graph_student import GraphStudent
@@ -235,11 +236,28 @@ def load_serving_model(settings: Settings) -> ServingModel:
         return load_version(settings, version)
 
     path = _fallback_path(settings)
-    student = _prepared(path, settings, lambda: _load_student(path))
+    if (path / MANIFEST_FILE).exists() or (path / MANIFEST_FILE).is_symlink():
+        student = _fallback_version(path, settings)
+    else:
+        student = _prepared(path, settings, lambda: _load_student(path))
     version = model_version(path)
     log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
              student.device, student.quantize, student.graph)
     return ServingModel(student=student, version=version, path=path)
+
+
+def _fallback_version(path: Path, settings: Settings) -> Student | GraphStudent:
+    """The ``PGKD_SERVE_MODEL`` directory that is a registry version (or a copy of
+    one, under any name), served as :func:`load_version` serves a version: verified
+    against its manifest first (ModelIntegrityError), and by ONNX Runtime from
+    its stored graph, if it has one, without a build or torch."""
+    manifest, graph, unread = read_manifest(path, None), None, ()
+    if settings.inference_graph == "onnxruntime":
+        graph = stored_graph(manifest, settings.inference_quantize)
+        unread = unread_by_graph(manifest, settings.inference_quantize) if graph else ()
+    verify_dir(path, None, unread=unread)
+    return _prepared(path, settings, lambda: _load_student(path), graph,
+                     verify_all=lambda: verify_dir(path, None), tokenizer_key=tokenizer_key(manifest))
 
 
 def _load_student(path: Path) -> Student:

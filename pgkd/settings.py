@@ -141,7 +141,8 @@ class Settings(BaseSettings):
     serve_model: str = Field(
         "",
         description="directory written by Student.save() that workers serve when the registry has no current "
-        "version (or Redis is unreachable)",
+        "version (or Redis is unreachable); a copy of a registry version (with its manifest.json) is verified "
+        "against its checksums first, and its stored ONNX graph served",
     )
     app_id_prefix: str = Field(
         "pgkd",

@@ -1,6 +1,8 @@
 """The served model honours PGKD_INFERENCE_QUANTIZE (the registry is unreachable
 here, so the PGKD_SERVE_MODEL fallback is what loads)."""
 
+import json
+import shutil
 import socket
 
 import pytest
@@ -94,3 +96,74 @@ def test_the_graph_builder_reports_why_it_failed(tmp_path):
 
     with pytest.raises(pgkd.inference_onnx.OnnxError, match=f"^ModelError: model directory not found: {tmp_path}/no$"):
         pgkd.inference_onnx.build_in_child(tmp_path / "no", "int8", threads=1)
+
+
+# --- PGKD_SERVE_MODEL naming a registry version (or a copy of one) ----------------------
+
+
+@pytest.fixture(scope="module")
+def version_copy(tiny_encoder_dir, tmp_path_factory):
+    """A registry version's directory as an operator copies it out of the store
+    (under another name): the student, its stored int8 graph, and a manifest that
+    names v0007 and lists every file's sha256. Written here as ``Registry.publish``
+    writes it, without the Redis that numbers versions."""
+    from pgkd.inference_onnx import add_graph
+    from pgkd.registry import sha256_file
+
+    path = tmp_path_factory.mktemp("copied") / "fallback"
+    Student.from_pretrained(tiny_encoder_dir, LABELS, max_length=32, device="cpu").save(path)
+    graph = add_graph(path, "int8")
+    files = {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    (path / "manifest.json").write_text(json.dumps({"version": "v0007", "files": files, "graphs": {"int8": graph}}))
+    return path
+
+
+def _fallback_settings(path, tmp_path, **overrides):
+    return load_settings(serve_model=str(path), model_store=tmp_path / "store", redis_timeout_s=0.5,
+                         redis_url=f"redis://127.0.0.1:{_closed_port()}/0", **overrides)
+
+
+def test_a_copied_version_serves_its_stored_graph_without_a_build(version_copy, tmp_path, monkeypatch):
+    import pgkd.inference_onnx
+    from pgkd.graph_student import GraphStudent
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the stored graph should serve; nothing is built")
+
+    monkeypatch.setattr(pgkd.inference_onnx, "build_in_child", no_build)
+    served = load_serving_model(_fallback_settings(version_copy, tmp_path, inference_graph="onnxruntime",
+                                                   inference_quantize="int8"))
+    assert isinstance(served.student, GraphStudent) and served.version == "v0007"
+    reference = Student.load(version_copy, device="cpu").predict_proba(["hello", "a longer text to pad against"])
+    got = served.student.predict_proba(["hello", "a longer text to pad against"])
+    assert got.shape == (2, 3) and abs(got - reference).max() < 0.05  # int8 against fp32
+
+    torch_served = load_serving_model(_fallback_settings(version_copy, tmp_path))  # the default: torchscript
+    assert isinstance(torch_served.student, Student) and torch_served.student.graph == "torchscript"
+
+
+@pytest.mark.parametrize(("change", "graph", "reason"), [
+    ("tokenizer.json", "onnxruntime", r"^v0007 refused: tokenizer\.json does not match its sha256"),
+    ("model.safetensors", "torchscript", r"^v0007 refused: model\.safetensors does not match its sha256"),
+    ("extra.txt", "onnxruntime", r"^v0007 refused: extra\.txt is not listed in manifest\.json \(extra file\)"),
+])
+def test_a_copied_version_that_differs_from_its_manifest_is_refused(version_copy, tmp_path, change, graph, reason):
+    from pgkd.errors import ModelIntegrityError
+
+    path = tmp_path / "fallback"
+    shutil.copytree(version_copy, path)
+    with (path / change).open("ab") as f:
+        f.write(b" ")
+    with pytest.raises(ModelIntegrityError, match=reason):
+        load_serving_model(_fallback_settings(path, tmp_path, inference_graph=graph, inference_quantize="int8"))
+
+
+def test_a_copied_version_with_an_unreadable_manifest_is_refused(version_copy, tmp_path):
+    from pgkd.errors import ModelIntegrityError
+
+    path = tmp_path / "fallback"
+    shutil.copytree(version_copy, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "version": 7}))
+    with pytest.raises(ModelIntegrityError, match=r"^fallback refused: manifest\.json names version 7 in "):
+        load_serving_model(_fallback_settings(path, tmp_path))
