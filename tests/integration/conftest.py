@@ -3,21 +3,32 @@ Redis); the helpers they use are in ``streaming_support.py``."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 from streaming_support import StreamEnv, banking
 
+from pgkd.registry import stored_graph
+
 
 @pytest.fixture(scope="session")
-def tiny_student(tiny_encoder_dir, tmp_path_factory) -> Path:
+def tiny_student(tiny_encoder_dir, tmp_path_factory, redis_url) -> Path:
     """The tiny random encoder (``tiny_encoder_dir``) with the Banking77 labels,
-    saved by ``Student.save``: fast to load and run."""
+    published as a registry version with its int8 ONNX graph (the directory
+    ``v0001`` of a store of its own): fast to load and run. Served as
+    PGKD_SERVE_MODEL with the tests' default serving profile (onnxruntime int8,
+    as the compose deployment serves), a classify worker loads the stored graph
+    and never imports torch."""
+    from pgkd.registry import Registry
     from pgkd.student import Student
 
-    out = tmp_path_factory.mktemp("models") / "tiny-v1"
-    Student.from_pretrained(tiny_encoder_dir, banking("test").classes(), max_length=64, device="cpu").save(out)
-    return out
+    registry = Registry(tmp_path_factory.mktemp("models"), redis_url, namespace=f"tiny-{uuid.uuid4().hex[:8]}")
+    student = Student.from_pretrained(tiny_encoder_dir, banking("test").classes(), max_length=64, device="cpu")
+    with registry:
+        version = registry.publish(student, parent=None, round=0, data={}, metrics={}, settings={}, graphs=("int8",))
+        assert stored_graph(registry.manifest(version), "int8"), "the tiny student's graph was not built"
+        return registry.path(version)
 
 
 @pytest.fixture

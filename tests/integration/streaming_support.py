@@ -2,8 +2,11 @@
 producing into and reading from the real broker, scraping /metrics.
 
 Workers run as real processes (``pgkd worker <role>`` or ``faust -A``),
-configured only by ``PGKD_*`` variables, with torch on one thread: the test
-machine has two cores shared with other test runs.
+configured only by ``PGKD_*`` variables, on one thread: the test machine has
+two cores shared with other test runs. Classify workers serve as the compose
+deployment does (ONNX Runtime, int8: a model directory with a stored graph
+loads without torch); tests of the torch path, or of versions published
+without a graph, pass ``**TORCH_SERVING``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from pgkd.data import LabelledTexts, load_labelled
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BANKING = Path(os.environ.get("PGKD_TEST_BANKING77", REPO_ROOT.parent / "shared" / "datasets" / "banking77"))
+
+# The settings' own serving defaults, for a test that serves the torch path: exact fp32
+# answers, and nothing to build for a version published without an ONNX graph.
+TORCH_SERVING = {"inference_graph": "torchscript", "inference_quantize": "fp32"}
 
 TOPIC_SETTINGS = {
     "texts_in": "PGKD_TOPIC_TEXTS_IN",
@@ -77,6 +84,9 @@ class StreamEnv:
             "PGKD_APP_ID_PREFIX": prefix,
             "PGKD_FAUST_DATADIR": str(workdir / "faust"),
             "PGKD_TORCH_THREADS": "1",
+            # the compose deployment's serving profile; a test of the torch path says so
+            "PGKD_INFERENCE_GRAPH": "onnxruntime",
+            "PGKD_INFERENCE_QUANTIZE": "int8",
             "PGKD_METRICS_PORT": "0",
             "PGKD_BATCH_SIZE": "32",
             "PGKD_BATCH_WITHIN_S": "0.2",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from streaming_support import banking, collect_sync, metric_sum, produce, produce_sync, text_message
+from streaming_support import TORCH_SERVING, banking, collect_sync, metric_sum, produce, produce_sync, text_message
 
 from pgkd.data import LabelledTexts, write_labelled
 from pgkd.registry import Registry
@@ -95,7 +95,7 @@ def _loop_env(stream, loop_data, seed_model, tmp_path, redis_db_url, sim, **over
         curator_generate=40, curator_target_classes=4, trainer_mode="head", trainer_epochs=60,
         trainer_patience=10, trainer_lr=0.02, trainer_lock_ttl_s=5, model_poll_s=5,
         # 10 validation texts a class: one text moves a class's F1 by ~0.1, so the per-class rule is looser here
-        gate_max_class_f1_drop=0.35,
+        gate_max_class_f1_drop=0.35, **TORCH_SERVING,
     )
     env = stream(model_dir, **(settings | overrides))
     registry = Registry(tmp_path / "models", redis_db_url, namespace=env.env["PGKD_APP_ID_PREFIX"])
@@ -230,7 +230,7 @@ def test_trainer_killed_mid_round_retries_it_and_never_points_at_a_partial_versi
     # (PGKD_SERVE_MODEL, the first argument, is unused: the trainer serves nothing)
     env = stream(tmp_path, model_store=tmp_path / "models", seed_train=loop_data.seed_train,
                  seed_val=loop_data.seed_val, trainer_mode="full", trainer_epochs=200, trainer_patience=200,
-                 trainer_lock_ttl_s=3, trainer_max_attempts=2)
+                 trainer_lock_ttl_s=3, trainer_max_attempts=2, **TORCH_SERVING)
     ns = env.env["PGKD_APP_ID_PREFIX"]
     registry = Registry(tmp_path / "models", redis_db_url, namespace=ns)
     seed_version = registry.publish(Student.from_pretrained(tiny_encoder_dir, CLASSES, max_length=64, device="cpu"),

@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaProducer
 from streaming_support import (
     Collected,
     LocalService,
+    TORCH_SERVING,
     StreamEnv,
     banking,
     collect_sync,
@@ -141,7 +142,9 @@ def own_redis(tmp_path):
 def test_broker_crash_and_restart_mid_stream_loses_no_id(own_kafka, redis_db_url, unique_topic, tmp_path,
                                                           tiny_student):
     n, rate = 3000, 100.0
-    env = stream_env(own_kafka.address, redis_db_url, unique_topic, tmp_path, tiny_student, batch_size=32)
+    # fp32: a redelivery repeats the very record (int8 quantizes activations per pass: docs/RELIABILITY.md)
+    env = stream_env(own_kafka.address, redis_db_url, unique_topic, tmp_path, tiny_student, batch_size=32,
+                     **TORCH_SERVING)
     t = env.topics
     try:
         worker = env.start("classify")
@@ -281,7 +284,7 @@ def test_random_sigkills_of_every_worker_type_lose_nothing_and_run_no_round_twic
                  curator_batch_size=500, curator_batch_window_s=0, curator_drift_trigger="false",
                  curator_generate=8, curator_target_classes=4, trainer_mode="head", trainer_epochs=20,
                  trainer_patience=5, trainer_lock_ttl_s=3, trainer_max_attempts=3, model_poll_s=5,
-                 gate_min_macro_f1_gain=-1, gate_max_accuracy_drop=1, gate_max_class_f1_drop=1)
+                 gate_min_macro_f1_gain=-1, gate_max_accuracy_drop=1, gate_max_class_f1_drop=1, **TORCH_SERVING)
     t, prefix = env.topics, env.env["PGKD_APP_ID_PREFIX"]
     registry = Registry(tmp_path / "models", redis_db_url, namespace=prefix)
     seed_version = registry.import_dir(tiny_student)

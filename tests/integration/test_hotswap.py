@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from streaming_support import REPO_ROOT, collect_sync, metric_sum, produce, text_message
+from streaming_support import REPO_ROOT, TORCH_SERVING, collect_sync, metric_sum, produce, text_message
 
 from pgkd.registry import Registry
 from pgkd.settings import Settings
@@ -59,7 +59,7 @@ def registry_env(stream, tiny_student, tmp_path, redis_db_url):
     """A StreamEnv whose registry (store + Redis namespace) the test also holds."""
 
     def make(**overrides):
-        env = stream(tiny_student, model_store=tmp_path / "models", **overrides)
+        env = stream(tiny_student, model_store=tmp_path / "models", **(TORCH_SERVING | overrides))
         registry = Registry(tmp_path / "models", redis_db_url, namespace=env.env["PGKD_APP_ID_PREFIX"])
         return env, registry
 

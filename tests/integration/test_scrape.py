@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from streaming_support import REPO_ROOT, StreamEnv, collect_sync, free_port, metric_sum, produce_sync, text_message
+from streaming_support import REPO_ROOT, TORCH_SERVING, StreamEnv, collect_sync, free_port, metric_sum, produce_sync, text_message
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,7 +44,7 @@ def env(kafka_bootstrap, redis_db_url, unique_topic, tiny_encoder_dir, tmp_path)
     model = tmp_path / "tiny-scrape"
     Student.from_pretrained(tiny_encoder_dir, ["card", "refund", "transfer"], max_length=32, device="cpu").save(model)
     made = StreamEnv.make(kafka_bootstrap, redis_db_url, unique_topic, tmp_path, model, kafka_session_timeout_s=10,
-                          batch_size=4, drift_window=10)
+                          batch_size=4, drift_window=10, **TORCH_SERVING)
     yield made
     made.stop_all()
     print(made.logs())

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from streaming_support import StreamEnv, free_port, text_message
+from streaming_support import TORCH_SERVING, StreamEnv, free_port, text_message
 
 from pgkd.errors import RegistryUnavailable
 from pgkd.registry import Registry
@@ -193,7 +193,7 @@ def _worker_env(sasl_broker, redis_url: str, model_dir: Path, tmp_path: Path, un
     return StreamEnv.make(
         sasl_broker["sasl"], redis_url, unique_topic, tmp_path, model_dir,
         kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_mechanism="PLAIN", kafka_sasl_username=SASL_USER,
-        kafka_sasl_password_file=password_file, kafka_session_timeout_s=10,
+        kafka_sasl_password_file=password_file, kafka_session_timeout_s=10, **TORCH_SERVING,
     )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import redis
 from streaming_support import (
+    TORCH_SERVING,
     banking,
     collect_sync,
     free_port,
@@ -94,7 +95,7 @@ def test_stream_matches_offline_and_teacher_corrects_low_confidence(stream, trai
     labels = sorted(set(test.labels))
     ids = [f"t{i}" for i in range(N_STREAM)]
     with SimulatorServer(sim_pool) as sim:
-        env = stream(model_dir, teacher_base_url=sim.url, low_conf_threshold=THRESHOLD)
+        env = stream(model_dir, teacher_base_url=sim.url, low_conf_threshold=THRESHOLD, **TORCH_SERVING)
         t = env.topics
         # produced before any worker runs: a new group starts at the earliest offset
         rows = zip(ids, test.texts[:N_STREAM], test.labels[:N_STREAM], strict=True)
@@ -197,7 +198,8 @@ def test_stream_matches_offline_and_teacher_corrects_low_confidence(stream, trai
 @pytest.mark.slow
 def test_sigkill_mid_stream_loses_no_id(stream, tiny_student):
     n = 1500
-    env = stream(tiny_student, batch_size=16)
+    # fp32: a redelivery repeats the very record (int8 quantizes activations per pass: docs/RELIABILITY.md)
+    env = stream(tiny_student, batch_size=16, **TORCH_SERVING)
     t = env.topics
     first = env.start("classify")  # pgkd worker classify
     first.wait_ready()
@@ -346,6 +348,7 @@ def test_budget_exhausted_holds_the_backlog_until_raised(stream, tiny_student, s
         produce_sync(env.bootstrap, t["texts_in"], [text_message(i, f"how do I top up {i} euros") for i in ids])
         collect_sync(env.bootstrap, [t["teacher_requests"]], lambda g: len(g.of(t["teacher_requests"])) >= len(ids),
                      timeout_s=90, workers=[classify, teacher])
+        teacher.wait_ready()  # its /metrics listens from then on (the requests may all be out before)
         deadline = time.monotonic() + 60
         while metric_sum(teacher.metrics(), "pgkd_teacher_budget_exhausted") != 1:
             assert time.monotonic() < deadline, "the budget never ran out"
