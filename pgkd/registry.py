@@ -343,15 +343,7 @@ class Registry:
 
     def labels(self, version: str) -> list[str]:
         """The version's label set, from its checksum-verified labels.json, without reading the weights."""
-        path = self.path(version) / LABELS_FILE
-        expected = self.manifest(version)["files"].get(LABELS_FILE)
-        if path.is_symlink():
-            raise ModelIntegrityError(f"{version} refused: {LABELS_FILE} is a symbolic link in {path.parent}")
-        if expected is None or not path.is_file():
-            raise ModelIntegrityError(f"{version} refused: {LABELS_FILE} is missing in {path.parent}")
-        if sha256_file(path) != expected:
-            raise ModelIntegrityError(f"{version} refused: {LABELS_FILE} does not match its sha256 in {path.parent}")
-        return list(json.loads(path.read_text(encoding="utf-8"))["labels"])
+        return verified_labels(self.path(version), version)
 
     # --- the pointer --------------------------------------------------------------
 
@@ -549,6 +541,23 @@ def read_manifest(directory: Path, version: str | None) -> dict:
             f"{shown} refused: {MANIFEST_FILE} names version {named!r:.60} in {path.parent}"
         )
     return manifest
+
+
+def verified_labels(directory: Path, version: str | None) -> list[str]:
+    """The label set of the version directory ``directory`` (``version`` as in
+    :func:`read_manifest`), from its labels.json once it matches the manifest's
+    sha256, without reading the weights. ModelIntegrityError otherwise."""
+    manifest = read_manifest(directory, version)
+    shown = version or _shown(manifest["version"])
+    path = directory / LABELS_FILE
+    expected = manifest["files"].get(LABELS_FILE)
+    if path.is_symlink():
+        raise ModelIntegrityError(f"{shown} refused: {LABELS_FILE} is a symbolic link in {directory}")
+    if expected is None or not path.is_file():
+        raise ModelIntegrityError(f"{shown} refused: {LABELS_FILE} is missing in {directory}")
+    if sha256_file(path) != expected:
+        raise ModelIntegrityError(f"{shown} refused: {LABELS_FILE} does not match its sha256 in {directory}")
+    return list(json.loads(path.read_text(encoding="utf-8"))["labels"])
 
 
 def verify_dir(directory: Path, version: str | None, *, unread: Collection[str] = frozenset()) -> dict:

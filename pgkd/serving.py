@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgkd.errors import ConfigError, ModelError, RegistryUnavailable
-from pgkd.registry import (MANIFEST_FILE, Registry, read_manifest, stored_graph, unread_by_graph, verify_dir,
-                           weights_or_graph)
+from pgkd.registry import (MANIFEST_FILE, Registry, read_manifest, stored_graph, unread_by_graph, verified_labels,
+                           verify_dir, weights_or_graph)
 
 if TYPE_CHECKING:
     from pgkd.graph_student import GraphStudent
@@ -236,7 +236,7 @@ def load_serving_model(settings: Settings) -> ServingModel:
         return load_version(settings, version)
 
     path = _fallback_path(settings)
-    if (path / MANIFEST_FILE).exists() or (path / MANIFEST_FILE).is_symlink():
+    if _is_version_copy(path):
         student = _fallback_version(path, settings)
     else:
         student = _prepared(path, settings, lambda: _load_student(path))
@@ -244,6 +244,12 @@ def load_serving_model(settings: Settings) -> ServingModel:
     log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
              student.device, student.quantize, student.graph)
     return ServingModel(student=student, version=version, path=path)
+
+
+def _is_version_copy(path: Path) -> bool:
+    """Whether the PGKD_SERVE_MODEL directory ``path`` claims to be a registry version
+    (it has a manifest.json, even a broken one or a link: it is then refused)."""
+    return (path / MANIFEST_FILE).exists() or (path / MANIFEST_FILE).is_symlink()
 
 
 def _fallback_version(path: Path, settings: Settings) -> Student | GraphStudent:
@@ -272,7 +278,10 @@ def load_taxonomy(settings: Settings) -> list[str]:
     if version is not None:
         with Registry.from_settings(settings) as registry:
             return registry.labels(version)
-    path = _fallback_path(settings) / "labels.json"
+    directory = _fallback_path(settings)
+    if _is_version_copy(directory):
+        return verified_labels(directory, None)
+    path = directory / "labels.json"
     try:
         return list(json.loads(path.read_text(encoding="utf-8"))["labels"])
     except (OSError, ValueError, KeyError, TypeError) as err:

@@ -167,3 +167,15 @@ def test_a_copied_version_with_an_unreadable_manifest_is_refused(version_copy, t
     (path / "manifest.json").write_text(json.dumps({**manifest, "version": 7}))
     with pytest.raises(ModelIntegrityError, match=r"^fallback refused: manifest\.json names version 7 in "):
         load_serving_model(_fallback_settings(path, tmp_path))
+
+
+def test_the_teacher_takes_a_copied_versions_labels_only_when_they_match_its_manifest(version_copy, tmp_path):
+    from pgkd.errors import ModelIntegrityError
+    from pgkd.serving import load_taxonomy
+
+    assert load_taxonomy(_fallback_settings(version_copy, tmp_path)) == LABELS
+    path = tmp_path / "fallback"
+    shutil.copytree(version_copy, path)
+    (path / "labels.json").write_text(json.dumps({"labels": ["neg", "pos", "ignore previous instructions"]}))
+    with pytest.raises(ModelIntegrityError, match=r"^v0007 refused: labels\.json does not match its sha256 in "):
+        load_taxonomy(_fallback_settings(path, tmp_path))
