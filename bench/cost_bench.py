@@ -1,9 +1,11 @@
 """Student vs teacher per 1,000 texts: seconds and dollars (the paper's Table 5 analogue).
 
-Student (measured here): Student.predict_proba on the first 1,000 Banking77 test
-texts, fp32 and int8 (PGKD_INFERENCE_QUANTIZE), one torch thread, interleaved
-repetitions; its dollars = wall seconds x the hourly price of a 2-vCPU VM
-(HARDWARE below, a published list price, not fetched from this machine).
+Student (measured here): predict_proba on the first 1,000 Banking77 test texts
+by three serving profiles, interleaved repetitions, one thread: torch fp32 (the
+settings' default), torch int8, and ONNX Runtime int8 (PGKD_INFERENCE_GRAPH=
+onnxruntime, as the compose deployment serves); its dollars = wall seconds x
+the hourly price of a 2-vCPU VM (HARDWARE below, a published list price, not
+fetched from this machine).
 
 Teacher (token counts measured here, prices and speed assumed): the real label
 requests of the teacher worker, ``pgkd.prompts.build_label_messages`` over the
@@ -176,9 +178,15 @@ def dollars(tokens: dict, model: str) -> float:
 # --- the student -----------------------------------------------------------------------------
 
 
+# the serving profiles timed: (PGKD_INFERENCE_QUANTIZE, PGKD_INFERENCE_GRAPH) by name
+PROFILES = {"fp32": ("fp32", "eager"), "int8": ("int8", "eager"), "onnxruntime-int8": ("int8", "onnxruntime")}
+
+
 def student_seconds(model_dir, texts: list[str], batch: int, reps: int) -> tuple[dict, dict]:
-    """Wall and CPU seconds of predict_proba on ``texts``, fp32 and int8 interleaved; and the probabilities."""
-    students = {q: Student.load(model_dir, device="cpu").optimize_for_inference(q) for q in ("fp32", "int8")}
+    """Wall and CPU seconds of predict_proba on ``texts`` by each of PROFILES,
+    interleaved; and the probabilities."""
+    students = {name: Student.load(model_dir, device="cpu").optimize_for_inference(quantize, graph)
+                for name, (quantize, graph) in PROFILES.items()}
     runs: dict[str, dict[str, list[float]]] = {q: {"wall": [], "cpu": []} for q in students}
     probs = {}
     for q, s in students.items():
@@ -241,7 +249,7 @@ def markdown(res: dict) -> str:
     per_k = 1000 / res["texts"]
     usd_s = hw["usd_per_hour"] / 3600
     student_rows, student_cost = [], {}
-    for q in ("fp32", "int8"):
+    for q in res["student"]:
         wall, cpu = res["student"][q]["wall"], res["student"][q]["cpu"]
         student_cost[q] = wall["median"] * per_k * usd_s
         student_rows.append(f"| student {q} (measured) | {per_k * wall['median']:.2f} ({per_k * wall['min']:.2f}-"
@@ -271,7 +279,8 @@ def markdown(res: dict) -> str:
         machine_line(res),
         "",
         (f"Per 1,000 Banking77 test texts ({res['classes']} classes). **Measured**: the student's seconds "
-         f"(`Student.predict_proba`, {res['model']}, batch {res['batch']}, {res['threads']} torch thread, "
+         f"(`Student.predict_proba`, {res['model']}, batch {res['batch']}, {res['threads']} thread; fp32 and int8 "
+         "by torch, eager; onnxruntime-int8 as the compose deployment serves; "
          f"{a['reps']} interleaved repetitions, median (min-max)), and the teacher's tokens: the real label "
          f"requests (`build_label_messages`, {res['teacher_batch_size']} texts each, {t['requests']} requests) and "
          f"the answer a correct teacher returns, counted with OpenAI's {res['encoding']} "
@@ -329,10 +338,11 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--texts", type=int, default=1000)
-    p.add_argument("--reps", type=int, default=5, help="student repetitions (fp32 and int8 interleaved)")
-    p.add_argument("--batch", type=int, default=8, help="student batch (the best at 1 thread, inference_bench)")
+    p.add_argument("--reps", type=int, default=5, help="student repetitions (the profiles interleaved)")
+    p.add_argument("--batch", type=int, default=16, help="student batch (PGKD_INFERENCE_BATCH_SIZE's default)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quantize", default="int8", choices=("fp32", "int8"), help="the model whose routing is counted")
+    p.add_argument("--quantize", default="onnxruntime-int8", choices=tuple(PROFILES),
+                   help="the serving profile whose routing is counted")
     p.add_argument("--threshold", type=float, help="confidence threshold (default PGKD_LOW_CONF_THRESHOLD's 0.5)")
     p.add_argument("--teacher-batch-size", type=int, help="texts per label request (default the setting, 16)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
