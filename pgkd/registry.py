@@ -517,7 +517,7 @@ def read_manifest(directory: Path, version: str | None) -> dict:
     names (a copy of one, served as ``PGKD_SERVE_MODEL``, under any name).
     ModelIntegrityError, naming the version (else the directory), when it is
     missing, unreadable or names another version."""
-    shown = version or directory.name  # who the errors name
+    shown = version or _shown(directory.name)  # who the errors name
     path = directory / MANIFEST_FILE
     if path.is_symlink():
         raise ModelIntegrityError(f"{shown} refused: {MANIFEST_FILE} is a symbolic link in {path.parent}")
