@@ -120,16 +120,7 @@ def load_version(settings: Settings, version: str) -> ServingModel:
     tokenizer files, labels and config have the same checksums (:func:`tokenizer_key`)."""
     with Registry.from_settings(settings) as registry:
         path = registry.path(version)
-        graph, key = None, None
-        if settings.inference_graph == "onnxruntime":
-            manifest = registry.manifest(version)
-            graph = stored_graph(manifest, settings.inference_quantize)
-            # serving the stored graph opens neither the torch weights nor the other graphs: they are
-            # not hashed here (a fallback that reads them verifies them all first: verify_all)
-            registry.verify(version, unread=unread_by_graph(manifest, settings.inference_quantize) if graph else ())
-            key = tokenizer_key(manifest)
-        student = _prepared(path, settings, lambda: registry.load(version), graph,
-                            verify_all=lambda: registry.verify(version), tokenizer_key=key)
+    student = _verified(path, version, settings)
     log.info("serving model %s from %s (%d labels, device %s, %s, %s)", version, path, len(student.labels),
              student.device, student.quantize, student.graph)
     return ServingModel(student=student, version=version, path=path)
@@ -237,7 +228,7 @@ def load_serving_model(settings: Settings) -> ServingModel:
 
     path = _fallback_path(settings)
     if _is_version_copy(path):
-        student = _fallback_version(path, settings)
+        student = _verified(path, None, settings)  # a copied version: its manifest names it
     else:
         student = _prepared(path, settings, lambda: _load_student(path))
     version = model_version(path)
@@ -252,18 +243,19 @@ def _is_version_copy(path: Path) -> bool:
     return (path / MANIFEST_FILE).exists() or (path / MANIFEST_FILE).is_symlink()
 
 
-def _fallback_version(path: Path, settings: Settings) -> Student | GraphStudent:
-    """The ``PGKD_SERVE_MODEL`` directory that is a registry version (or a copy of
-    one, under any name), served as :func:`load_version` serves a version: verified
-    against its manifest first (ModelIntegrityError), and by ONNX Runtime from
-    its stored graph, if it has one, without a build or torch."""
-    manifest, graph, unread = read_manifest(path, None), None, ()
+def _verified(path: Path, version: str | None, settings: Settings) -> Student | GraphStudent:
+    """The version directory ``path`` (a registry version, or with ``version`` None a
+    copy of one under any name), verified against its manifest (ModelIntegrityError),
+    then ready to serve as the settings ask. Served from its stored graph, it opens
+    neither the torch weights nor the other graphs: those are not hashed here (a
+    fallback that reads them verifies them all first: ``verify_all``)."""
+    manifest, graph, unread = read_manifest(path, version), None, ()
     if settings.inference_graph == "onnxruntime":
         graph = stored_graph(manifest, settings.inference_quantize)
         unread = unread_by_graph(manifest, settings.inference_quantize) if graph else ()
-    verify_dir(path, None, unread=unread)
+    verify_dir(path, version, unread=unread)
     return _prepared(path, settings, lambda: _load_student(path), graph,
-                     verify_all=lambda: verify_dir(path, None), tokenizer_key=tokenizer_key(manifest))
+                     verify_all=lambda: verify_dir(path, version), tokenizer_key=tokenizer_key(manifest))
 
 
 def _load_student(path: Path) -> Student:
