@@ -42,6 +42,7 @@ from pgkd.loop import DistillConfig, evaluate, headline, run_cycles
 from pgkd.simulator import SimulatorServer
 from pgkd.student import Student
 from pgkd.teacher import GenerationResult, OpenAITeacher, Usage
+from pgkd.features import FeatureCache
 from pgkd.training import TrainConfig, train, train_head
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -94,12 +95,16 @@ def run_seed(name: str, args, seed: int) -> dict:
 
     started = time.perf_counter()
     baseline = Student.from_pretrained(args.model, taxonomy, max_length=args.max_length)
-    fit = (train_head if args.head_only else train)(baseline, splits.train, splits.val, train_cfg)
-    base_val = evaluate(baseline, splits.val)
+    features = FeatureCache() if args.head_only else None  # head-only: each text encoded once, for every variant
+    if args.head_only:
+        fit = train_head(baseline, splits.train, splits.val, train_cfg, features=features)
+    else:
+        fit = train(baseline, splits.train, splits.val, train_cfg)
+    base_val = evaluate(baseline, splits.val, features=features)
     row = {
         "dataset": name, "seed": seed, "classes": len(taxonomy),
         "sizes": {"train": len(splits.train), "val": len(splits.val), "pool": len(splits.pool), "test": len(test_set)},
-        "baseline": {"val": headline(base_val), "test": headline(evaluate(baseline, test_set)),
+        "baseline": {"val": headline(base_val), "test": headline(evaluate(baseline, test_set, features=features)),
                      "best_epoch": fit.best_epoch, "wall_seconds": round(time.perf_counter() - started, 1)},
     }
     print(f"[{name} seed {seed}] baseline test {row['baseline']['test']} ({row['baseline']['wall_seconds']}s)",
@@ -118,10 +123,10 @@ def run_seed(name: str, args, seed: int) -> dict:
             teacher = (NoTeacher() if variant == "no_teacher" else
                        OpenAITeacher(base_url=sim.url, model="teacher-sim", api_key="bench", taxonomy=taxonomy))
             result = run_cycles(baseline, base_val, splits.train, splits.val, teacher, cfg, known_texts=known,
-                                log=lambda _msg: None)
+                                log=lambda _msg: None, features=features)
         row[variant] = {
             "val": headline(result.best_val),
-            "test": headline(evaluate(result.student, test_set)),
+            "test": headline(evaluate(result.student, test_set, features=features)),
             "samples_accepted": sum(c["samples_accepted"] for c in result.cycles),
             "cycles_kept": sum(c["improved"] for c in result.cycles),
             "teacher_calls": teacher.usage.calls,

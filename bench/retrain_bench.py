@@ -14,15 +14,20 @@ started here from deploy/local, unless --redis is given).
   teacher's) from the remaining train rows, as the curator hands them over.
 
 Head-only (the CPU default, PGKD_TRAINER_MODE=head) at each --threads, repeated
-and interleaved; the full fine-tune (PGKD_TRAINER_MODE=full) with
+and interleaved. Each repetition is a trainer's first round (a new RoundRunner:
+every text encoded) and then its next round on another batch of as many new
+samples (the runner's FeatureCache holds the seed and validation sets'
+encodings from the first). The full fine-tune (PGKD_TRAINER_MODE=full) with
 --full-epochs (fewer than the trainer's default 10: a full epoch takes minutes
 on 2 cores). Each round starts from the same current version. Phases are
-timed by wrapping the functions the round calls:
+timed by wrapping the functions the round calls, each phase without the
+phases inside it:
 
-    load       Registry.load of the current version (checksums + weights)
-    featurise  head-only: the frozen encoder's outputs of the train and validation texts
-    train      the optimiser's epochs (head-only: on those features), early stopping included
-    gate       pgkd.retrain.score of both versions on the validation set
+    load         Registry.load of the current version (checksums + weights)
+    featurise    head-only: the frozen encoder's outputs of the texts not in the cache
+    fingerprint  head-only: the sha256 of the encoder that keys the cache (pgkd.features)
+    train        the optimiser's epochs (head-only: on those features), early stopping included
+    gate         pgkd.retrain.score of both versions on the validation set
     publish    Registry.publish (save, sha256 of every file, fsync, rename)
     promote    Registry.promote (checksums again, the pointer), when the gate passes
     other      the rest: the training set's assembly, claim, ledger, record
@@ -56,6 +61,7 @@ from _common import (
     summary,
 )
 
+import pgkd.features
 import pgkd.retrain
 import pgkd.training
 from pgkd.curation import Sample
@@ -65,20 +71,26 @@ from pgkd.retrain import RoundConfig, RoundLedger, RoundRunner, SeedData
 from pgkd.settings import Settings
 from pgkd.student import Student
 
-PHASES = ("load", "featurise", "train", "gate", "publish", "promote", "other")
+PHASES = ("load", "featurise", "fingerprint", "train", "gate", "publish", "promote", "other")
 
 
 @contextlib.contextmanager
-def timed(owner: object, name: str, seconds: dict[str, float], phase: str) -> Iterator[None]:
-    """Replace ``owner.name`` by a wrapper that adds its wall time to ``seconds[phase]``."""
+def timed(owner: object, name: str, seconds: dict[str, float], phase: str, active: list[str]) -> Iterator[None]:
+    """Replace ``owner.name`` by a wrapper that adds its wall time to ``seconds[phase]``
+    and takes it from the phase it ran inside (``active``, the phases running now)."""
     original: Callable = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
         started = time.perf_counter()
+        active.append(phase)
         try:
             return original(*args, **kwargs)
         finally:
-            seconds[phase] += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            active.pop()
+            seconds[phase] += elapsed
+            if active:
+                seconds[active[-1]] -= elapsed
 
     setattr(owner, name, wrapper)
     try:
@@ -90,40 +102,45 @@ def timed(owner: object, name: str, seconds: dict[str, float], phase: str) -> It
             setattr(owner, name, original)
 
 
-def data(val_rows: int, n_samples: int, probe_rows: int = 1000, seed: int = 0) -> tuple[SeedData, list[Sample]]:
+def data(val_rows: int, n_samples: int, probe_rows: int = 1000,
+         seed: int = 0) -> tuple[SeedData, list[Sample], list[Sample]]:
     """Seed train = the Banking77 train rows the current version was fitted on
-    (streaming_support.probe_student's stratified 1,000); gold validation and the
-    batch of teacher samples from the other train rows, disjoint."""
+    (streaming_support.probe_student's stratified 1,000); gold validation and two
+    batches of teacher samples (a first round's, a next round's) from the other
+    train rows, all disjoint."""
     train = banking("train")
     rest, seed_train = stratified_split(train, probe_rows / len(train), seed=seed)  # = probe_student's rows
     rest, seed_val = stratified_split(rest, val_rows / len(rest), seed=seed)
-    _, picked = stratified_split(rest, n_samples / len(rest), seed=seed)
+    rest, first = stratified_split(rest, n_samples / len(rest), seed=seed)
+    _, second = stratified_split(rest, n_samples / len(rest), seed=seed)
     now = time.time()
-    samples = [Sample(id=f"bench-{i}", text=text, label=label, source="teacher", teacher_model="gold",
-                      model_version="v0001", ts=now + i)
-               for i, (text, label) in enumerate(zip(picked.texts, picked.labels, strict=True))]
-    return SeedData(seed_train, seed_val), samples
+
+    def batch(picked, name: str) -> list[Sample]:
+        return [Sample(id=f"bench-{name}-{i}", text=text, label=label, source="teacher", teacher_model="gold",
+                       model_version="v0001", ts=now + i)
+                for i, (text, label) in enumerate(zip(picked.texts, picked.labels, strict=True))]
+
+    return SeedData(seed_train, seed_val), batch(first, "first"), batch(second, "next")
 
 
 def one_round(runner: RoundRunner, registry: Registry, samples: list[Sample]) -> dict:
     """Run one request through RoundRunner.process; its phases, total and outcome."""
     seconds: dict[str, float] = defaultdict(float)
+    active: list[str] = []
     request = {"request_id": uuid.uuid4().hex, "round": registry.next_round(), "trigger": "bench"}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(timed(registry, "load", seconds, "load"))
-        stack.enter_context(timed(registry, "publish", seconds, "publish"))
-        stack.enter_context(timed(registry, "promote", seconds, "promote"))
-        stack.enter_context(timed(pgkd.training, "head_features", seconds, "featurise"))
-        stack.enter_context(timed(pgkd.training, "train_head", seconds, "fit"))
-        stack.enter_context(timed(pgkd.training, "train", seconds, "fit"))
-        stack.enter_context(timed(pgkd.retrain, "score", seconds, "gate"))
+        for owner, name, phase in ((registry, "load", "load"), (registry, "publish", "publish"),
+                                   (registry, "promote", "promote"), (pgkd.features, "head_features", "featurise"),
+                                   (pgkd.features, "encoder_fingerprint", "fingerprint"),
+                                   (pgkd.training, "train_head", "train"), (pgkd.training, "train", "train"),
+                                   (pgkd.retrain, "score", "gate")):
+            stack.enter_context(timed(owner, name, seconds, phase, active))
         started, cpu = time.perf_counter(), time.process_time()
         result = runner.process(request, samples)
         total, cpu = time.perf_counter() - started, time.process_time() - cpu
     if result.record is None or result.record["outcome"] == "failed":
         raise SystemExit(f"the round did not run: {result.record}")
-    phases = {"load": seconds["load"], "featurise": seconds["featurise"], "train": seconds["fit"] - seconds["featurise"],
-              "gate": seconds["gate"], "publish": seconds["publish"], "promote": seconds["promote"]}
+    phases = {phase: seconds[phase] for phase in PHASES[:-1]}
     phases["other"] = total - sum(phases.values())
     record = result.record
     return {"total": total, "cpu": cpu, "phases": phases, "outcome": record["outcome"],
@@ -140,7 +157,7 @@ def reset(registry: Registry, base: str, candidate: str) -> None:
 
 
 def run(args, _bootstrap: None, redis_url: str, workdir: Path) -> dict:
-    seed, samples = data(args.val_rows, args.samples)
+    seed, samples, next_samples = data(args.val_rows, args.samples)
     namespace = f"bench-retrain-{uuid.uuid4().hex[:8]}"
     registry = Registry(workdir / "models", redis_url, namespace=namespace)
     ledger = RoundLedger(redis.Redis.from_url(redis_url, decode_responses=True), namespace)
@@ -160,15 +177,17 @@ def run(args, _bootstrap: None, redis_url: str, workdir: Path) -> dict:
         for mode, threads, epochs in plan:
             torch.set_num_threads(threads)
             cfg = config(mode, epochs)
-            runner = RoundRunner(registry, ledger, seed, cfg)
-            res = one_round(runner, registry, samples) | {"mode": mode, "threads": threads,
-                                                          "max_epochs": cfg.train.epochs, "lr": cfg.train.lr}
-            rounds.append(res)
-            print(f"  {mode} x{threads} threads: {res['total']:.1f}s ("
-                  + ", ".join(f"{k} {v:.1f}" for k, v in res["phases"].items()) + f"); {res['outcome']}, "
-                  f"macro-F1 {res['macro_f1']:.4f} vs {res['current_macro_f1']:.4f}, {res['epochs_run']} epochs",
-                  flush=True)
-            reset(registry, base, res["candidate"])
+            runner = RoundRunner(registry, ledger, seed, cfg)  # a trainer's first round: nothing cached
+            batches = [("first", samples)] + ([("next", next_samples)] if runner.features is not None else [])
+            for state, batch in batches:  # the next round: the same runner, a batch of new samples
+                res = one_round(runner, registry, batch) | {"mode": mode, "threads": threads, "state": state,
+                                                            "max_epochs": cfg.train.epochs, "lr": cfg.train.lr}
+                rounds.append(res)
+                print(f"  {mode} x{threads} threads, {state} round: {res['total']:.1f}s ("
+                      + ", ".join(f"{k} {v:.1f}" for k, v in res["phases"].items()) + f"); {res['outcome']}, "
+                      f"macro-F1 {res['macro_f1']:.4f} vs {res['current_macro_f1']:.4f}, {res['epochs_run']} epochs",
+                      flush=True)
+                reset(registry, base, res["candidate"])
     finally:
         registry.close()
     return {"rounds": rounds, "seed_train": len(seed.train), "val": len(seed.val), "samples": len(samples),
@@ -177,14 +196,17 @@ def run(args, _bootstrap: None, redis_url: str, workdir: Path) -> dict:
 
 def markdown(res: dict) -> str:
     a = res["args"]
-    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, int, str], list[dict]] = defaultdict(list)
     for r in res["rounds"]:
-        groups[(r["mode"], r["threads"])].append(r)
+        groups[(r["mode"], r["threads"], r.get("state", "first"))].append(r)
     rows = []
-    for (mode, threads), rs in groups.items():
-        phase_cells = " | ".join(fmt(summary([r["phases"][p] for r in rs]), 1) for p in PHASES)
+    for (mode, threads, state), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "head", kv[0][2], kv[0][1])):
+        phase_cells = " | ".join(fmt(summary([r["phases"].get(p, 0.0) for r in rs]), 1) for p in PHASES)
         outcomes = ", ".join(sorted({r["outcome"] for r in rs}))
-        name = "head only" if mode == "head" else f"full fine-tune, {rs[0]['max_epochs']} epochs max"
+        if mode == "head":
+            name = "head only, a trainer's first round" if state == "first" else "head only, its next round"
+        else:
+            name = f"full fine-tune, {rs[0]['max_epochs']} epochs max"
         rows.append(f"| {name} | {threads} | {len(rs)} | **{fmt(summary([r['total'] for r in rs]), 1)}** | "
                     f"{fmt(summary([r['cpu'] for r in rs]), 1)} | {phase_cells} | "
                     f"{summary([r['epochs_run'] for r in rs])['median']:.0f} | "
@@ -200,11 +222,14 @@ def markdown(res: dict) -> str:
          f"(Banking77 train rows, stratified), trainer settings as deployed (batch 64, patience 3, lr {r0['lr']:g} head-only); the "
          "registry on local disk and a Redis on loopback. Seconds, median (min-max) over the rounds; rounds "
          f"interleaved by thread count; each starts from the same current version (validation macro-F1 "
-         f"{current:.3f})."),
+         f"{current:.3f}). Head only: each repetition is a new trainer's first round (every text encoded), then "
+         f"its next round on {res['samples']} other new samples, whose seed and validation texts the trainer "
+         "encoded in the first (`PGKD_TRAINER_FEATURE_CACHE_MB`, pgkd/features.py). Each phase is timed without "
+         "the phases inside it."),
         "",
-        ("| mode | torch threads | rounds | total s | CPU s (this process) | load | featurise | train | gate | "
-         "publish | promote | other | epochs | candidate macro-F1 (gate) |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| mode | torch threads | rounds | total s | CPU s (this process) | load | featurise | fingerprint | "
+         "train | gate | publish | promote | other | epochs | candidate macro-F1 (gate) |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         ("Not run on a GPU in this session (none was lent). On one: `python bench/retrain_bench.py --device cuda "

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from pgkd.data import LabelledTexts
 from pgkd.errors import BudgetExhausted, ConfigError
+from pgkd.features import FeatureCache, probabilities
 from pgkd.mining import mine_examples
 from pgkd.report import classification_report, headline, weakest_classes
 from pgkd.student import Student
@@ -65,14 +66,23 @@ class DistillResult:
     baseline_student: Student | None = None  # set by distill(); unchanged by the cycles
 
 
-def evaluate(student: Student, data: LabelledTexts, batch_size: int = 64) -> dict:
-    """The classification report of ``student`` on ``data``."""
-    predicted = student.predict(list(data.texts), batch_size=batch_size)
+def evaluate(student: Student, data: LabelledTexts, batch_size: int = 64, features: FeatureCache | None = None) -> dict:
+    """The classification report of ``student`` on ``data`` (through ``features``, when given)."""
+    probs = probabilities(student, data.texts, features, batch_size)
+    predicted = [student.labels[i] for i in probs.argmax(axis=1)]
     return classification_report(list(data.labels), predicted, student.labels)
 
 
-def _fit(cfg: DistillConfig):
-    return train_head if cfg.head_only else train
+def feature_cache(cfg: DistillConfig) -> FeatureCache | None:
+    """Head-only runs encode each text once, whatever the cycles ask of it (pgkd.features)."""
+    return FeatureCache() if cfg.head_only else None
+
+
+def _fit(student: Student, train_set: LabelledTexts, val: LabelledTexts, cfg: DistillConfig,
+         train_cfg: TrainConfig, features: FeatureCache | None):
+    if cfg.head_only:
+        return train_head(student, train_set, val, train_cfg, features=features)
+    return train(student, train_set, val, train_cfg)
 
 
 def pick_targets(report: dict, k: int, strategy: str, rng: random.Random) -> list[str]:
@@ -96,10 +106,11 @@ def distill(
     ``known_texts`` are texts the teacher's samples must not repeat (validation and
     test sets, typically); training texts are added to it here.
     """
-    fit = _fit(cfg)(student, train_set, val, cfg.train)
-    baseline_val = evaluate(student, val)
+    features = feature_cache(cfg)
+    fit = _fit(student, train_set, val, cfg, cfg.train, features)
+    baseline_val = evaluate(student, val, features=features)
     log(f"baseline: val {headline(baseline_val)} (best epoch {fit.best_epoch}, {fit.seconds:.0f}s on {fit.device})")
-    result = run_cycles(student, baseline_val, train_set, val, teacher, cfg, known_texts, log)
+    result = run_cycles(student, baseline_val, train_set, val, teacher, cfg, known_texts, log, features)
     result.baseline_student = student  # run_cycles trains clones only: this is still the baseline
     return result
 
@@ -113,11 +124,16 @@ def run_cycles(
     cfg: DistillConfig,
     known_texts: set[str] | None = None,
     log: Callable[[str], Any] = print,
+    features: FeatureCache | None = None,
 ) -> DistillResult:
     """The PGKD cycles from an already fine-tuned student whose validation report is ``best_val``.
 
     ``best`` itself is never modified: every cycle trains a clone of the best student.
+    ``features``: a head-only run's cache of encoder outputs, shared with the
+    caller (one of its own otherwise).
     """
+    if features is None:
+        features = feature_cache(cfg)
     rng = random.Random(cfg.seed)
     cycle_cfg = cfg.cycle_train or cfg.train
     known = set(known_texts or ()) | set(train_set.texts) | set(val.texts)
@@ -126,7 +142,7 @@ def run_cycles(
     for cycle in range(1, cfg.max_cycles + 1):
         started = time.perf_counter()
         # 1-2. what the student gets right and wrong, on the data it was trained on
-        probs = best.predict_proba(list(train_set.texts))
+        probs = probabilities(best, train_set.texts, features)
         mined = mine_examples(train_set, probs, best.labels, n=cfg.n_examples, seed=cfg.seed + cycle)
         if not cfg.hard_negatives:
             mined = replace(mined, hard_negatives=[])
@@ -142,8 +158,8 @@ def run_cycles(
 
         # 5. retrain a copy of the best student; keep it only if validation improves
         candidate = best.clone()
-        fit = _fit(cfg)(candidate, train_set, val, cycle_cfg)
-        cand_val = evaluate(candidate, val)
+        fit = _fit(candidate, train_set, val, cfg, cycle_cfg, features)
+        cand_val = evaluate(candidate, val, features=features)
         improved = cand_val["macro_f1"] > best_val["macro_f1"]
         result.cycles.append(
             {

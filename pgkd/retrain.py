@@ -4,6 +4,8 @@
     train set = the seed training set + every accepted sample up to the request
     candidate = a clone of current, trained on it (full fine-tune, or head only)
     gate      = both versions scored on the gold validation set (pgkd.gate)
+                (head only: on the encoder's outputs, kept between rounds by
+                the runner's pgkd.features.FeatureCache)
     publish   = the candidate is stored as a version, passed or not (for audit)
     promote   = only if the gate passed
     record    = the round: counts, both versions' metrics, the gate's decision
@@ -41,6 +43,7 @@ from pgkd.report import classification_report, headline
 if TYPE_CHECKING:
     import numpy as np
 
+    from pgkd.features import FeatureCache
     from pgkd.registry import Registry
     from pgkd.settings import Settings
     from pgkd.student import Student
@@ -128,6 +131,7 @@ class RoundConfig:
     train: TrainConfig
     gate: GateConfig
     graphs: tuple[str, ...] = ()  # ONNX Runtime graphs to store with each candidate (pgkd.serving.graphs_to_publish)
+    feature_cache_mb: int = 0  # head mode: the encoder's outputs kept between rounds (pgkd.features); 0 = none
 
     @classmethod
     def from_settings(cls, settings: Settings, cuda: bool | None = None) -> RoundConfig:
@@ -151,12 +155,24 @@ class RoundConfig:
         )
         from pgkd.serving import graphs_to_publish
 
-        return cls(mode, train, GateConfig.from_settings(settings), graphs_to_publish(settings))
+        return cls(mode, train, GateConfig.from_settings(settings), graphs_to_publish(settings),
+                   settings.trainer_feature_cache_mb)
+
+    def feature_cache(self) -> FeatureCache | None:
+        """The cache a runner keeps between rounds: head mode only (a full
+        fine-tune changes the encoder every round)."""
+        if self.mode != "head" or not self.feature_cache_mb:
+            return None
+        from pgkd.features import FeatureCache
+
+        return FeatureCache(max_bytes=self.feature_cache_mb << 20)
 
 
-def score(student: Student, data: LabelledTexts) -> tuple[dict, np.ndarray]:
+def score(student: Student, data: LabelledTexts, features: FeatureCache | None = None) -> tuple[dict, np.ndarray]:
     """The classification report of ``student`` on ``data`` and its probabilities."""
-    probs = student.predict_proba(list(data.texts))
+    from pgkd.features import probabilities
+
+    probs = probabilities(student, data.texts, features)
     predicted = [student.labels[i] for i in probs.argmax(axis=1)]
     return classification_report(list(data.labels), predicted, student.labels), probs
 
@@ -186,12 +202,14 @@ def run_round(
     cfg: RoundConfig,
     on_published: Callable[[str], None] = lambda version: None,
     on_promoting: Callable[[dict], None] = lambda record: None,
+    features: FeatureCache | None = None,
 ) -> RoundOutcome:
     """Train, gate, publish, maybe promote; returns the round's record (not yet recorded).
 
     ``on_published(version)`` runs once the candidate is stored; ``on_promoting(record)``
     just before the promotion, with the record the round will have if it succeeds
-    (the ledger keeps both, for a trainer restarted mid-round)."""
+    (the ledger keeps both, for a trainer restarted mid-round). ``features``
+    (head mode): the encoder's outputs of earlier rounds, used and extended here."""
     from pgkd.training import train, train_head
 
     started = time.perf_counter()
@@ -206,10 +224,18 @@ def run_round(
     train_cfg = replace(cfg.train, seed=round_no)
     log.info("round %d: training a %s candidate from %s on %d texts (%d seed, %d teacher, %d generated)",
              round_no, cfg.mode, current, len(train_set), data["seed"], data["teacher"], data["generated"])
-    fit = (train_head if cfg.mode == "head" else train)(candidate, train_set, seed.val, train_cfg)
+    features = features if cfg.mode == "head" else None
+    counts = (features.hits, features.misses) if features is not None else None
+    if cfg.mode == "head":
+        fit = train_head(candidate, train_set, seed.val, train_cfg, features=features)
+    else:
+        fit = train(candidate, train_set, seed.val, train_cfg)
 
-    cand_report, cand_probs = score(candidate, seed.val)
-    cur_report, _ = score(parent, seed.val)
+    cand_report, cand_probs = score(candidate, seed.val, features)
+    cur_report, _ = score(parent, seed.val, features)
+    if counts is not None:
+        log.info("round %d: %d texts encoded, %d served from the feature cache (%d texts, %.1f MiB)", round_no,
+                 features.misses - counts[1], features.hits - counts[0], features.rows, features.nbytes / 2**20)
     decision = evaluate_gate(cand_report, cur_report, cfg.gate)
     log.info("round %d: candidate macro-F1 %.4f vs current %.4f: %s", round_no, cand_report["macro_f1"],
              cur_report["macro_f1"], decision.summary())
@@ -320,6 +346,7 @@ class RoundRunner:
         self.max_attempts = max_attempts
         self.claim_ttl_s = claim_ttl_s
         self.who = f"{socket.gethostname()}:{os.getpid()}"
+        self.features = cfg.feature_cache()  # lives as long as the runner: rounds after the first encode new texts only
 
     def process(self, request: dict, samples: Sequence[Sample]) -> RoundResult:
         """Run one request to an outcome (recorded), or skip it (already done).
@@ -360,6 +387,7 @@ class RoundRunner:
                 self.registry, request, self.seed, samples, self.cfg,
                 on_published=lambda version: self.ledger.update(rid, candidate=version),
                 on_promoting=lambda record: self.ledger.update(rid, record={**record, "attempts": attempt}),
+                features=self.features,
             )
         except Exception as err:  # noqa: BLE001 - any failure of the round is recorded; the worker goes on
             if isinstance(err, RegistryUnavailable):

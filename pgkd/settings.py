@@ -235,6 +235,11 @@ class Settings(BaseSettings):
     trainer_lr: float = Field(0.0, ge=0, description="peak learning rate (0 = 1e-4 full, 5e-3 head)")
     trainer_patience: int = Field(3, ge=1, description="epochs without a validation gain before a round stops training")
     trainer_device: str = Field("", description="torch device of the trainer ('' = CUDA > MPS > CPU)")
+    trainer_feature_cache_mb: int = Field(
+        512, ge=0, description="head-only rounds keep the frozen encoder's outputs per text (the seed and validation "
+        "sets, earlier samples) between rounds, up to this many MiB, so a round encodes only texts it has not seen; "
+        "0 = encode every text every round"
+    )
     trainer_lock_ttl_s: float = Field(
         30.0, ge=3, description="the single-trainer lock lapses this long after its holder stopped renewing it "
         "(how long a killed trainer's successor waits)"

@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from pgkd.errors import ConfigError, DataError, ModelError
+from pgkd.errors import ConfigError, DataError
+from pgkd.features import FeatureCache
 from pgkd.report import classification_report
 
 if TYPE_CHECKING:
@@ -203,36 +204,16 @@ def train(student: Student, train: LabelledTexts, val: LabelledTexts, cfg: Train
     )
 
 
-def head_features(student: Student, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """What the classification head (``model.classifier``) receives for each text,
-    in eval mode (no dropout): ``(len(texts), hidden)``, on the student's device.
-    ModelError when the head does not take one vector per text."""
-    captured: list[torch.Tensor] = []
-    hook = student.model.classifier.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
-    where: list[np.ndarray] = []  # the passes of Student.batches (texts of similar length); rows go back below
-    student.model.eval()
-    try:
-        with torch.inference_mode():
-            for idx, encoding in student.batches(texts, batch_size):
-                student.model(**encoding)
-                where.append(idx)
-    finally:
-        hook.remove()
-    if not captured or any(c.ndim != 2 for c in captured):
-        raise ModelError(f"{type(student.model).__name__}.classifier does not take one vector per text; "
-                         "train the whole model instead")
-    features = torch.empty_like(torch.cat(captured))  # a normal tensor: inference-mode ones cannot be saved for backward
-    features[torch.as_tensor(np.concatenate(where), device=features.device)] = torch.cat(captured)
-    return features
-
-
-def train_head(student: Student, train: LabelledTexts, val: LabelledTexts, cfg: TrainConfig) -> TrainResult:
+def train_head(student: Student, train: LabelledTexts, val: LabelledTexts, cfg: TrainConfig,
+               features: FeatureCache | None = None) -> TrainResult:
     """Like :func:`train`, with the encoder frozen: only ``model.classifier`` learns.
 
     The head's inputs are computed once for the training and validation texts
     (one forward pass each), then every epoch runs on them: seconds on a CPU
-    where a full fine-tune takes minutes. Same optimizer, schedule, early
-    stopping and best-weights restore as :func:`train`.
+    where a full fine-tune takes minutes. With a ``features`` cache kept between
+    calls, only the texts this encoder has not seen are encoded
+    (:mod:`pgkd.features`). Same optimizer, schedule, early stopping and
+    best-weights restore as :func:`train`.
     """
     _check_data(student, train, val)
 
@@ -241,8 +222,9 @@ def train_head(student: Student, train: LabelledTexts, val: LabelledTexts, cfg: 
     device = torch.device(cfg.device) if cfg.device else select_device()
     student.to(device)
     head = student.model.classifier
-    x_train = head_features(student, train.texts, cfg.batch_size)  # (n, hidden)
-    x_val = head_features(student, val.texts, cfg.batch_size) if len(val) else None
+    features = features if features is not None else FeatureCache(max_bytes=0)  # none kept: computed here
+    x_train = features.head_inputs(student, train.texts, cfg.batch_size)  # (n, hidden)
+    x_val = features.head_inputs(student, val.texts, cfg.batch_size) if len(val) else None
     index = {label: i for i, label in enumerate(student.labels)}
     y = torch.tensor([index[label] for label in train.labels], device=device)  # (n,)
 

@@ -72,6 +72,32 @@ def test_a_candidate_carries_the_graph_the_workers_serve(setup, monkeypatch):
     assert len(built) == 1 and built[0].parent == registry.store  # built from the files being published
 
 
+def test_head_rounds_encode_only_the_texts_no_earlier_round_encoded(setup, monkeypatch):
+    import dataclasses
+
+    import pgkd.features
+
+    registry, ledger, _, seed = setup
+    encoded: list[str] = []
+    real = pgkd.features.head_features
+    monkeypatch.setattr(pgkd.features, "head_features",
+                        lambda student, texts, batch_size=64: encoded.extend(texts) or real(student, texts, batch_size))
+    cfg = RoundConfig("head", TrainConfig(epochs=3, batch_size=4, lr=2e-2, progress=False, device="cpu"),
+                      GateConfig(min_macro_f1_gain=-1.0, max_accuracy_drop=1.0, max_class_f1_drop=1.0),
+                      feature_cache_mb=1)
+    runner = RoundRunner(registry, ledger, SeedData(TRAIN, VAL), cfg, max_attempts=2, claim_ttl_s=60)
+    first = [Sample("x1", "card missing since monday", "card_lost", "teacher", "sim", seed, 0.0, "refund", 0.6)]
+    one = runner.process(request(1), first)
+    assert one.record["outcome"] == "promoted" and one.record["train"]["mode"] == "head"
+    assert sorted(encoded) == sorted({*TRAIN.texts, *VAL.texts, "card missing since monday"})  # each once
+    encoded.clear()
+    second = [*first, Sample("x2", "where is my refund", "refund", "teacher", "sim", seed, 0.0, "top_up", 0.5)]
+    two = runner.process(request(2), second)
+    assert two.record["current"] == one.record["candidate"]  # round 1's head on the same encoder
+    assert encoded == ["where is my refund"]
+    assert dataclasses.replace(cfg, feature_cache_mb=0).feature_cache() is None
+
+
 def test_an_exception_mid_round_is_recorded_as_failed(setup, monkeypatch):
     registry, ledger, runner, seed = setup
 

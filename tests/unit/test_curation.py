@@ -16,7 +16,8 @@ from pgkd.errors import ConfigError
 from pgkd.retrain import RoundConfig, SeedData, training_set
 from pgkd.settings import Settings
 from pgkd.student import Student
-from pgkd.training import TrainConfig, head_features, train_head
+from pgkd.features import head_features
+from pgkd.training import TrainConfig, train_head
 
 
 @pytest.mark.parametrize("module", ["pgkd.curation", "pgkd.retrain"])
@@ -75,6 +76,13 @@ def test_round_config_mode_and_learning_rate():
     head = RoundConfig.from_settings(Settings(trainer_mode="head", trainer_lr=0.5, trainer_epochs=3), cuda=True)
     assert (head.mode, head.train.lr, head.train.epochs, head.train.progress) == ("head", 0.5, 3, False)
     assert RoundConfig.from_settings(Settings(gate_max_accuracy_drop=0.2)).gate.max_accuracy_drop == 0.2
+
+
+def test_round_config_keeps_features_between_head_rounds_only():
+    head = RoundConfig.from_settings(Settings(trainer_mode="head", trainer_feature_cache_mb=3), cuda=False)
+    assert head.feature_cache_mb == 3 and head.feature_cache().max_bytes == 3 << 20
+    assert RoundConfig.from_settings(Settings(trainer_mode="full"), cuda=False).feature_cache() is None
+    assert RoundConfig.from_settings(Settings(trainer_mode="head", trainer_feature_cache_mb=0)).feature_cache() is None
 
 
 def test_round_config_stores_the_graph_the_workers_serve():

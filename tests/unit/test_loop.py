@@ -74,6 +74,22 @@ def test_patience_stops_and_baseline_is_never_modified(student):
     assert (student.predict_proba(list(val.texts)) == before).all()
 
 
+def test_head_only_distillation_encodes_each_text_once(student, monkeypatch):
+    import pgkd.features
+
+    encoded: list[str] = []
+    real = pgkd.features.head_features
+    monkeypatch.setattr(pgkd.features, "head_features",
+                        lambda s, texts, batch_size=64: encoded.extend(texts) or real(s, texts, batch_size))
+    train_set, val = rows(4), rows(3, offset=20)
+    with SimulatorServer(rows(10, offset=40), seed=0) as sim:
+        result = distill(student, train_set, val, teacher_for(sim), cfg(head_only=True, max_cycles=3, patience=3),
+                         known_texts=set(val.texts), log=lambda _: None)
+    assert len(result.cycles) == 3
+    # the baseline, three cycles' training, mining and validation: every text encoded once
+    assert sorted(encoded) == sorted({*result.train_set.texts, *val.texts})
+
+
 def test_budget_exhausted_ends_the_cycles(student):
     train_set, val = rows(4), rows(3, offset=20)
     with SimulatorServer(rows(10, offset=40), seed=0) as sim:
