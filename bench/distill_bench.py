@@ -95,7 +95,8 @@ def run_seed(name: str, args, seed: int) -> dict:
 
     started = time.perf_counter()
     baseline = Student.from_pretrained(args.model, taxonomy, max_length=args.max_length)
-    features = FeatureCache() if args.head_only else None  # head-only: each text encoded once, for every variant
+    # head-only: each text encoded once, for every variant (--no-feature-cache: at every use, as before 2026-11-29)
+    features = (FeatureCache(max_bytes=0 if args.no_feature_cache else 512 << 20)) if args.head_only else None
     if args.head_only:
         fit = train_head(baseline, splits.train, splits.val, train_cfg, features=features)
     else:
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--head-only", action="store_true",
                    help="CPU mode: frozen encoder, train only the classification head (use --lr 1e-2 --epochs 60)")
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="head-only: encode every text at every use (the loop before pgkd.features), to compare")
     p.add_argument("--out", type=Path, default=Path("bench/out/distill.json"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = p.parse_args(argv)
