@@ -148,8 +148,8 @@ class FeatureCache:
         """``student.predict_proba(texts)`` through the cache: the head on the cached
         inputs (an eager fp32 student, as trained; the same probabilities to
         float rounding)."""
-        if student.graph != "eager" or student.model is None:
-            return student.predict_proba(texts, batch_size)
+        if student.graph != "eager" or student.quantize != "fp32" or student.model is None:
+            return student.predict_proba(list(texts), batch_size)  # a serving student: its own path
         inputs = self.head_inputs(student, texts, batch_size)
         out = np.empty((len(inputs), len(student.labels)), dtype=np.float32)
         if not len(inputs):

@@ -87,6 +87,12 @@ def test_probabilities_through_the_cache_are_the_students(student):
     assert not student.model.classifier.training
 
 
+def test_a_serving_student_predicts_by_its_own_path(student, encoded):
+    served = student.clone().optimize_for_inference("fp32", "torchscript")
+    probs = FeatureCache().predict_proba(served, TEXTS)
+    assert encoded == [] and np.allclose(probs, student.predict_proba(TEXTS), atol=1e-5)
+
+
 def test_the_least_recently_used_rows_go_past_the_byte_bound(student, encoded):
     row = HIDDEN * 4
     cache = FeatureCache(max_bytes=3 * row)
