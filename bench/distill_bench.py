@@ -38,11 +38,11 @@ import torch
 from _common import machine as common_machine  # bench/ is on sys.path when run as a script
 
 from pgkd.data import LabelledTexts, load_labelled, paper_splits
+from pgkd.features import FeatureCache
 from pgkd.loop import DistillConfig, evaluate, headline, run_cycles
 from pgkd.simulator import SimulatorServer
 from pgkd.student import Student
 from pgkd.teacher import GenerationResult, OpenAITeacher, Usage
-from pgkd.features import FeatureCache
 from pgkd.training import TrainConfig, train, train_head
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"

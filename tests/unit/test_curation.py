@@ -13,10 +13,10 @@ import torch
 from pgkd.curation import ClassStats, Sample, TextGuard, mine_from_samples, pick_weakest, sample_hash
 from pgkd.data import LabelledTexts
 from pgkd.errors import ConfigError
+from pgkd.features import head_features
 from pgkd.retrain import RoundConfig, SeedData, training_set
 from pgkd.settings import Settings
 from pgkd.student import Student
-from pgkd.features import head_features
 from pgkd.training import TrainConfig, train_head
 
 
