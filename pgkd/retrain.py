@@ -233,9 +233,11 @@ def run_round(
 
     cand_report, cand_probs = score(candidate, seed.val, features)
     cur_report, _ = score(parent, seed.val, features)
+    used = None  # head mode with a cache: the texts this round encoded, and those the cache served
     if counts is not None:
+        used = {"encoded": features.misses - counts[1], "cached": features.hits - counts[0]}
         log.info("round %d: %d texts encoded, %d served from the feature cache (%d texts, %.1f MiB)", round_no,
-                 features.misses - counts[1], features.hits - counts[0], features.rows, features.nbytes / 2**20)
+                 used["encoded"], used["cached"], features.rows, features.nbytes / 2**20)
     decision = evaluate_gate(cand_report, cur_report, cfg.gate)
     log.info("round %d: candidate macro-F1 %.4f vs current %.4f: %s", round_no, cand_report["macro_f1"],
              cur_report["macro_f1"], decision.summary())
@@ -263,7 +265,8 @@ def run_round(
         "gate": decision.as_dict(),
         "reason": decision.summary(),
         "train": {"mode": cfg.mode, "device": fit.device, "best_epoch": fit.best_epoch,
-                  "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 2)},
+                  "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 2),
+                  **({"features": used} if used is not None else {})},
         "seconds": round(time.perf_counter() - started, 2),
     }
     promotion = None

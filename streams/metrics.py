@@ -70,6 +70,10 @@ GATE_MACRO_F1 = Gauge("pgkd_gate_macro_f1", "Validation macro-F1 of the last rou
 GATE_MARGIN = Gauge("pgkd_gate_margin", "Last round: candidate minus current, and the worst class F1 drop", ["metric"])
 GATE_CONSECUTIVE_REJECTIONS = Gauge("pgkd_gate_consecutive_rejections", "Rounds rejected in a row")
 RETRAIN_SECONDS = Histogram("pgkd_retrain_seconds", "Training wall time of one round", buckets=_RETRAIN_SECONDS)
+RETRAIN_FEATURES = Counter(
+    "pgkd_retrain_features", "Texts whose encoder output a head-only round used, by where it came from", ["source"]
+)  # source: encoder | cache
+FEATURE_CACHE_BYTES = Gauge("pgkd_retrain_feature_cache_bytes", "Memory held by the trainer's cache of encoder outputs")
 CLASS_F1 = Gauge("pgkd_class_f1", "Per-class validation F1 of the serving version", ["label"])
 CURRENT_MODEL_ROUND = Gauge("pgkd_current_model_round", "Round number of the serving version (0 = seed)")
 SAMPLES_GATHERED = Counter(

@@ -154,6 +154,12 @@ class TrainerWorker:
                 metrics.GATE_MARGIN.labels(name).set(value)
             if record.get("train"):
                 metrics.RETRAIN_SECONDS.observe(record["train"]["seconds"])
+            used = (record.get("train") or {}).get("features")
+            if used:
+                metrics.RETRAIN_FEATURES.labels("encoder").inc(used["encoded"])
+                metrics.RETRAIN_FEATURES.labels("cache").inc(used["cached"])
+        if self.runner.features is not None:
+            metrics.FEATURE_CACHE_BYTES.set(self.runner.features.nbytes)
         self._export_serving()
 
     def _export_serving(self) -> None:

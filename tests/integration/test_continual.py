@@ -183,6 +183,11 @@ def test_full_loop_promotes_a_better_model_that_then_serves(stream, loop_data, s
         assert metric_sum(tm, "pgkd_retrain_rounds_total", outcome="promoted") == 1
         assert metric_sum(tm, "pgkd_current_model_round") == record["round"]
         assert metric_sum(tm, "pgkd_gate_consecutive_rejections") == 0
+        features = record["train"]["features"]  # head mode: the trainer's first round encodes every text once
+        assert features["encoded"] == record["data"]["train"] + record["data"]["val"] and features["cached"] > 0
+        assert metric_sum(tm, "pgkd_retrain_features_total", source="encoder") == features["encoded"]
+        assert metric_sum(tm, "pgkd_retrain_features_total", source="cache") == features["cached"]
+        assert metric_sum(tm, "pgkd_retrain_feature_cache_bytes") > 0
         assert metric_sum(cm, "pgkd_samples_gathered_total", source="teacher") >= BATCH
         assert metric_sum(cm, "pgkd_samples_gathered_total", source="generated") == record["data"]["generated"]
 

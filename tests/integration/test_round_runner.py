@@ -90,11 +90,14 @@ def test_head_rounds_encode_only_the_texts_no_earlier_round_encoded(setup, monke
     one = runner.process(request(1), first)
     assert one.record["outcome"] == "promoted" and one.record["train"]["mode"] == "head"
     assert sorted(encoded) == sorted({*TRAIN.texts, *VAL.texts, "card missing since monday"})  # each once
+    # the validation set's encodings served both versions' gate scores
+    assert one.record["train"]["features"] == {"encoded": len(encoded), "cached": 2 * len(VAL)}
     encoded.clear()
     second = [*first, Sample("x2", "where is my refund", "refund", "teacher", "sim", seed, 0.0, "top_up", 0.5)]
     two = runner.process(request(2), second)
     assert two.record["current"] == one.record["candidate"]  # round 1's head on the same encoder
     assert encoded == ["where is my refund"]
+    assert two.record["train"]["features"] == {"encoded": 1, "cached": len(TRAIN) + 1 + 3 * len(VAL)}
     assert dataclasses.replace(cfg, feature_cache_mb=0).feature_cache() is None
 
 
