@@ -46,7 +46,8 @@ def test_cached_rows_are_the_fresh_features_and_only_unseen_texts_are_encoded(st
     fresh = head_features(student, TEXTS)
     assert first.shape == (3, HIDDEN) and torch.allclose(first, fresh[:3], atol=1e-5)
     assert torch.allclose(again, fresh.flip(0), atol=1e-5)
-    assert cache.nbytes == 5 * HIDDEN * 4
+    assert cache.nbytes == sum(FeatureCache.entry_bytes(t, fresh[0]) for t in TEXTS)
+    assert FeatureCache.entry_bytes("abc", fresh[0]) > HIDDEN * 4 + 3  # the encoding, the text and the objects
 
 
 def test_a_text_twice_in_one_call_is_encoded_once(student, encoded):
@@ -94,15 +95,16 @@ def test_a_serving_student_predicts_by_its_own_path(student, encoded):
 
 
 def test_the_least_recently_used_rows_go_past_the_byte_bound(student, encoded):
-    row = HIDDEN * 4
-    cache = FeatureCache(max_bytes=3 * row)
-    cache.head_inputs(student, TEXTS[:3])
-    cache.head_inputs(student, [TEXTS[0]])  # the first text is now the most recently used
-    cache.head_inputs(student, TEXTS[3:5])  # two more: the two least recently used go
-    assert cache.rows == 3 and cache.nbytes == 3 * row
+    same = [f"text number {i}" for i in range(5)]  # entries of one size
+    entry = FeatureCache.entry_bytes(same[0], torch.zeros(HIDDEN))
+    cache = FeatureCache(max_bytes=3 * entry)
+    cache.head_inputs(student, same[:3])
+    cache.head_inputs(student, [same[0]])  # the first text is now the most recently used
+    cache.head_inputs(student, same[3:5])  # two more: the two least recently used go
+    assert cache.rows == 3 and cache.nbytes == 3 * entry
     encoded.clear()
-    cache.head_inputs(student, [TEXTS[0], TEXTS[4], TEXTS[1]])
-    assert encoded == [[TEXTS[1]]]
+    cache.head_inputs(student, [same[0], same[4], same[1]])
+    assert encoded == [[same[1]]]
 
 
 def test_a_cache_of_zero_bytes_keeps_nothing_and_still_answers(student, encoded):
