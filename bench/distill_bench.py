@@ -43,7 +43,7 @@ from pgkd.loop import DistillConfig, evaluate, headline, run_cycles
 from pgkd.simulator import SimulatorServer
 from pgkd.student import Student
 from pgkd.teacher import GenerationResult, OpenAITeacher, Usage
-from pgkd.training import TrainConfig, train, train_head
+from pgkd.training import TrainConfig, fit_student
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 VARIANTS = {
@@ -96,11 +96,8 @@ def run_seed(name: str, args, seed: int) -> dict:
     started = time.perf_counter()
     baseline = Student.from_pretrained(args.model, taxonomy, max_length=args.max_length)
     # head-only: each text encoded once, for every variant (--no-feature-cache: at every use, as before 2026-11-29)
-    features = (FeatureCache(max_bytes=0 if args.no_feature_cache else 512 << 20)) if args.head_only else None
-    if args.head_only:
-        fit = train_head(baseline, splits.train, splits.val, train_cfg, features=features)
-    else:
-        fit = train(baseline, splits.train, splits.val, train_cfg)
+    features = (FeatureCache(max_bytes=0) if args.no_feature_cache else FeatureCache()) if args.head_only else None
+    fit = fit_student(baseline, splits.train, splits.val, train_cfg, head_only=args.head_only, features=features)
     base_val = evaluate(baseline, splits.val, features=features)
     row = {
         "dataset": name, "seed": seed, "classes": len(taxonomy),

@@ -28,7 +28,7 @@ from pgkd.mining import mine_examples
 from pgkd.report import classification_report, headline, weakest_classes
 from pgkd.student import Student
 from pgkd.teacher import Teacher
-from pgkd.training import TrainConfig, train, train_head
+from pgkd.training import TrainConfig, fit_student
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,6 @@ def feature_cache(cfg: DistillConfig) -> FeatureCache | None:
     return FeatureCache() if cfg.head_only else None
 
 
-def _fit(student: Student, train_set: LabelledTexts, val: LabelledTexts, cfg: DistillConfig,
-         train_cfg: TrainConfig, features: FeatureCache | None):
-    if cfg.head_only:
-        return train_head(student, train_set, val, train_cfg, features=features)
-    return train(student, train_set, val, train_cfg)
-
-
 def pick_targets(report: dict, k: int, strategy: str, rng: random.Random) -> list[str]:
     if strategy == "weakest":
         return weakest_classes(report, k)
@@ -107,7 +100,7 @@ def distill(
     test sets, typically); training texts are added to it here.
     """
     features = feature_cache(cfg)
-    fit = _fit(student, train_set, val, cfg, cfg.train, features)
+    fit = fit_student(student, train_set, val, cfg.train, head_only=cfg.head_only, features=features)
     baseline_val = evaluate(student, val, features=features)
     log(f"baseline: val {headline(baseline_val)} (best epoch {fit.best_epoch}, {fit.seconds:.0f}s on {fit.device})")
     result = run_cycles(student, baseline_val, train_set, val, teacher, cfg, known_texts, log, features)
@@ -158,7 +151,7 @@ def run_cycles(
 
         # 5. retrain a copy of the best student; keep it only if validation improves
         candidate = best.clone()
-        fit = _fit(candidate, train_set, val, cfg, cycle_cfg, features)
+        fit = fit_student(candidate, train_set, val, cycle_cfg, head_only=cfg.head_only, features=features)
         cand_val = evaluate(candidate, val, features=features)
         improved = cand_val["macro_f1"] > best_val["macro_f1"]
         result.cycles.append(

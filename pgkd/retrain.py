@@ -210,7 +210,7 @@ def run_round(
     just before the promotion, with the record the round will have if it succeeds
     (the ledger keeps both, for a trainer restarted mid-round). ``features``
     (head mode): the encoder's outputs of earlier rounds, used and extended here."""
-    from pgkd.training import train, train_head
+    from pgkd.training import fit_student
 
     started = time.perf_counter()
     round_no = int(request["round"])
@@ -226,10 +226,7 @@ def run_round(
              round_no, cfg.mode, current, len(train_set), data["seed"], data["teacher"], data["generated"])
     features = features if cfg.mode == "head" else None
     counts = (features.hits, features.misses) if features is not None else None
-    if cfg.mode == "head":
-        fit = train_head(candidate, train_set, seed.val, train_cfg, features=features)
-    else:
-        fit = train(candidate, train_set, seed.val, train_cfg)
+    fit = fit_student(candidate, train_set, seed.val, train_cfg, head_only=cfg.mode == "head", features=features)
 
     cand_report, cand_probs = score(candidate, seed.val, features)
     cur_report, _ = score(parent, seed.val, features)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -202,6 +201,14 @@ def train(student: Student, train: LabelledTexts, val: LabelledTexts, cfg: Train
         seconds=time.perf_counter() - started,
         device=str(device),
     )
+
+
+def fit_student(student: Student, train_set: LabelledTexts, val: LabelledTexts, cfg: TrainConfig, *, head_only: bool,
+        features: FeatureCache | None = None) -> TrainResult:
+    """:func:`train_head` (with ``features``) when ``head_only``, else :func:`train`."""
+    if head_only:
+        return train_head(student, train_set, val, cfg, features=features)
+    return train(student, train_set, val, cfg)
 
 
 def train_head(student: Student, train: LabelledTexts, val: LabelledTexts, cfg: TrainConfig,
