@@ -339,12 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     as JSON (``tokenizer``: :func:`pgkd.graph_student.tokenizer_matches`)."""
     import argparse
 
-    import torch
-
     from pgkd.errors import ModelError
-    from pgkd.graph_student import CHECKED, tokenizer_matches
-    from pgkd.inference_opt import TRACE_EXAMPLE
-    from pgkd.student import Student
+    from pgkd.passes import check_model_dir
 
     p = argparse.ArgumentParser(description="Export a saved student to a checked ONNX graph (int8 when asked).")
     p.add_argument("model_dir", type=Path)
@@ -360,6 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     # cores gets ~2% of a core and took 30-40 s to build
     if args.nice > os.nice(0):
         os.nice(args.nice - os.nice(0))
+    try:
+        check_model_dir(args.model_dir)  # before torch's import: a wrong directory is said in ~1 s, not ~10
+    except ModelError as err:
+        print(f"ModelError: {err}", file=sys.stderr)
+        return 1
+    import torch
+
+    from pgkd.graph_student import CHECKED, tokenizer_matches
+    from pgkd.inference_opt import TRACE_EXAMPLE
+    from pgkd.student import Student
+
     torch.set_num_threads(args.threads)
     try:
         student = Student.load(args.model_dir, device="cpu")

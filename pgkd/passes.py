@@ -1,5 +1,6 @@
 """What serving a saved student takes beyond its forward pass, without torch:
-its label map (``labels.json``, written by :meth:`pgkd.student.Student.save`)
+its label map (``labels.json``, written by :meth:`pgkd.student.Student.save`),
+the check that a directory holds safetensors weights and no pickle file,
 and the plan that cuts a batch of texts into forward passes of similar length.
 Both students use it: :class:`pgkd.student.Student` and the torch-free
 :class:`pgkd.graph_student.GraphStudent`.
@@ -14,11 +15,33 @@ from pathlib import Path
 from pgkd.errors import ModelError, first_line
 
 LABELS_FILE = "labels.json"
+WEIGHTS_FILE = "model.safetensors"
+SHARDED_INDEX = "model.safetensors.index.json"  # what save_pretrained writes for large models
+# torch.save / pickle formats (pytorch_model.bin, training_args.bin, *.pt, ...): never in a directory we load
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # What one forward pass costs beyond its tokens, in tokens: MiniLM-L6 on one CPU thread
 # spends ~0.21 ms per token and ~1.5-4 ms (ONNX Runtime) to ~10 ms (TorchScript) per pass
 # whatever its size (docs/BENCHMARKS.md, "planned passes"); 16-64 measured alike.
 PASS_OVERHEAD_TOKENS = 24
 TOKENIZE_CHUNK = 4096  # texts tokenized at once by Student.batches (bounds the padded array)
+
+
+def check_model_dir(path: Path) -> None:
+    """ModelError unless ``path`` is a directory with safetensors weights and no
+    pickle file: what :meth:`pgkd.student.Student.load` reads, checked before
+    anything imports torch (the graph builder's child fails in ~1 s, not ~10)."""
+    if not path.is_dir():
+        raise ModelError(f"model directory not found: {path}")
+    if not (path / WEIGHTS_FILE).is_file() and not (path / SHARDED_INDEX).is_file():
+        raise ModelError(
+            f"{path} has no {WEIGHTS_FILE}; only safetensors checkpoints are loaded "
+            "(pickle files such as pytorch_model.bin are refused)"
+        )
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{path} holds a pickle file ({pickles[0]!r}); only safetensors checkpoints are loaded: remove it"
+        )
 
 
 def read_labels(path: Path) -> tuple[list[str], int]:

@@ -47,7 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from pgkd.errors import ModelIntegrityError, RegistryError, RegistryUnavailable, first_line
-from pgkd.passes import LABELS_FILE
+from pgkd.passes import LABELS_FILE, PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     from pgkd.settings import Settings
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # = pgkd.student.PICKLE_SUFFIXES
 TMP_PREFIX = ".tmp-"
 VERSION_RE = re.compile(r"^v(\d{4,})\Z")  # \Z: "$" would also match before a final newline
 OUTCOMES = ("promoted", "rejected", "failed")

@@ -23,16 +23,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Batc
 from transformers.utils import logging as hf_logging
 
 from pgkd.errors import ModelError, first_line
-from pgkd.passes import LABELS_FILE, TOKENIZE_CHUNK, plan_passes, read_labels
+from pgkd.passes import LABELS_FILE, TOKENIZE_CHUNK, check_model_dir, plan_passes, read_labels
 
 if TYPE_CHECKING:
     from pgkd.data import LabelledTexts
     from pgkd.training import TrainConfig, TrainResult
 
-WEIGHTS_FILE = "model.safetensors"
-SHARDED_INDEX = "model.safetensors.index.json"  # what save_pretrained writes for large models
-# torch.save / pickle formats (pytorch_model.bin, training_args.bin, *.pt, ...): never in a directory we load
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 QUANTIZE_MODES = ("fp32", "int8")  # Student.optimize_for_inference / PGKD_INFERENCE_QUANTIZE
 GRAPH_MODES = ("eager", "torchscript", "onnxruntime")  # Student.optimize_for_inference / PGKD_INFERENCE_GRAPH
 
@@ -108,18 +104,7 @@ class Student:
     def load(cls, path: str | Path, device=None) -> Student:
         """A student written by :meth:`save`. Only safetensors weights are read."""
         path = Path(path)
-        if not path.is_dir():
-            raise ModelError(f"model directory not found: {path}")
-        if not (path / WEIGHTS_FILE).is_file() and not (path / SHARDED_INDEX).is_file():
-            raise ModelError(
-                f"{path} has no {WEIGHTS_FILE}; only safetensors checkpoints are loaded "
-                "(pickle files such as pytorch_model.bin are refused)"
-            )
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        if pickles:
-            raise ModelError(
-                f"{path} holds a pickle file ({pickles[0]!r}); only safetensors checkpoints are loaded: remove it"
-            )
+        check_model_dir(path)
         labels, max_length = read_labels(path)
         try:
             with _quiet_transformers():
