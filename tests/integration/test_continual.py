@@ -220,6 +220,7 @@ def test_noisy_teacher_round_is_rejected_and_the_seed_keeps_serving(stream, loop
                            timeout_s=120, workers=[classify])
         assert {r["model_version"] for r in got.of(t["labels_out"]) if r["id"] in ids} == {seed_version}
         assert json.loads(json.dumps(record))  # the record is plain JSON (the CLI prints it)
+        env.stop_all()  # while the simulator answers: else the teacher retries a request in flight for ~6 s
 
 
 def test_trainer_killed_mid_round_retries_it_and_never_points_at_a_partial_version(
@@ -231,10 +232,11 @@ def test_trainer_killed_mid_round_retries_it_and_never_points_at_a_partial_versi
     from pgkd.student import Student
     from streams.schemas import RetrainRequest
 
-    # a tiny encoder trained in full for many epochs: a round of ~15 s, long enough to be killed in
+    # a tiny encoder trained in full for many epochs: ~10 s of training here (0.12 s an epoch), long
+    # enough to be killed in 1 s after it starts, and a retry that does not take longer than it must
     # (PGKD_SERVE_MODEL, the first argument, is unused: the trainer serves nothing)
     env = stream(tmp_path, model_store=tmp_path / "models", seed_train=loop_data.seed_train,
-                 seed_val=loop_data.seed_val, trainer_mode="full", trainer_epochs=200, trainer_patience=200,
+                 seed_val=loop_data.seed_val, trainer_mode="full", trainer_epochs=80, trainer_patience=80,
                  trainer_lock_ttl_s=3, trainer_max_attempts=2, **TORCH_SERVING)
     ns = env.env["PGKD_APP_ID_PREFIX"]
     registry = Registry(tmp_path / "models", redis_db_url, namespace=ns)
@@ -248,7 +250,7 @@ def test_trainer_killed_mid_round_retries_it_and_never_points_at_a_partial_versi
     trainer = env.start("trainer")
     produce_sync(env.bootstrap, env.topics["retrain_requests"], [(request.request_id.encode(), request.dumps())])
     _wait_for_log(trainer, f"round {round_no}: training a full candidate", timeout_s=120)
-    time.sleep(2)
+    time.sleep(1)
     trainer.kill()
 
     assert registry.rounds() == []
