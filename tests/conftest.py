@@ -15,7 +15,9 @@ never pass by skipping its integration tests.
 
 Isolation: ``kafka_topic`` / ``unique_topic`` give every test fresh topic names,
 and ``redis_client`` / ``redis_db_url`` give every test a flushed database of its
-own. Tests run one at a time (no xdist), which the Redis scheme relies on.
+own. ``make test`` runs the suite on two pytest-xdist workers: each starts its own
+broker and Redis (3. above), and where they share one Redis (1. or 2.) each takes
+its own share of the database numbers (``redis_databases``).
 """
 
 from __future__ import annotations
@@ -267,9 +269,26 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         _run_local("redis", "stop", *args)
 
 
+def xdist_worker() -> tuple[int, int]:
+    """(index, count) of this pytest-xdist worker ("gw1" of 2 is (1, 2)); (0, 1) without xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return (int(name[2:]) if name.startswith("gw") else 0), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def redis_databases(n: int, worker: int, workers: int) -> list[int]:
+    """The database numbers of 1..n-1 (db 0 is never used by tests) that pytest-xdist
+    worker ``worker`` of ``workers`` hands out: every ``workers``-th one, so that two
+    workers sharing one Redis never flush each other's database.
+
+    >>> redis_databases(16, 0, 2), redis_databases(16, 1, 2)
+    ([1, 3, 5, 7, 9, 11, 13, 15], [2, 4, 6, 8, 10, 12, 14])
+    """
+    return [db for db in range(1, n) if (db - 1) % workers == worker]
+
+
 @pytest.fixture(scope="session")
 def _redis_dbs(redis_url: str) -> Iterator[int]:
-    """Database numbers 1..N-1 handed out in turn (db 0 is never used by tests)."""
+    """This worker's database numbers (:func:`redis_databases`) handed out in turn."""
     import redis
 
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
@@ -280,9 +299,13 @@ def _redis_dbs(redis_url: str) -> Iterator[int]:
     finally:
         client.close()
 
+    mine = redis_databases(n, *xdist_worker())
+    if not mine:
+        pytest.fail(f"Redis at {redis_url} has {n} databases: too few for {xdist_worker()[1]} pytest workers")
+
     def cycle() -> Iterator[int]:
         while True:
-            yield from range(1, n)
+            yield from mine
 
     return cycle()
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import hashlib
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -68,13 +70,18 @@ def trained_student(request, tmp_path_factory):
     model_dir, probs_file = root / f"minilm-b77-probe-{key}", root / f"offline-probs-{key}.npy"
     test = banking("test")
     texts = list(test.texts[:N_STREAM])
-    if not (model_dir / "labels.json").is_file() or not probs_file.is_file():
-        torch.set_num_threads(2)
-        student = probe_student(**{k: v for k, v in recipe.items() if k != "n"})
-        tmp = model_dir.with_name(model_dir.name + ".tmp")
-        student.save(tmp)
-        np.save(probs_file, student.predict_proba(texts))  # offline: Student.predict_proba, its own batching
-        tmp.rename(model_dir)
+    # one pytest-xdist worker trains it; another that needs it meanwhile waits for it here
+    with (root / f"{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (model_dir / "labels.json").is_file() or not probs_file.is_file():
+            torch.set_num_threads(2)
+            student = probe_student(**{k: v for k, v in recipe.items() if k != "n"})
+            tmp = model_dir.with_name(model_dir.name + ".tmp")
+            for stale in (tmp, model_dir):  # a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
+            student.save(tmp)
+            np.save(probs_file, student.predict_proba(texts))  # offline: Student.predict_proba, its own batching
+            tmp.rename(model_dir)
     return model_dir, np.load(probs_file), test
 
 
