@@ -271,6 +271,7 @@ def test_hostile_inputs_go_to_the_dlq_or_are_classified(stream, tiny_student, si
         collect_sync(env.bootstrap, [t["labels_out"]],
                      lambda g: any(r["id"] == "h-after" for r in g.of(t["labels_out"])),
                      timeout_s=60, workers=[classify, teacher])
+        m = classify.metrics()
         env.stop_all()  # while the simulator answers: else the teacher retries h-after's request for ~6 s
 
     letters = got.of(t["dlq"])
@@ -290,7 +291,6 @@ def test_hostile_inputs_go_to_the_dlq_or_are_classified(stream, tiny_student, si
     assert {r["id"] for r in _student(out)} == set(good)
     assert {r["id"] for r in _teacher(out)} == set(good)
     assert all(r["label"] in labels for r in out)
-    m = classify.metrics()
     assert metric_sum(m, "pgkd_dlq_total", stage="parse") == len(bad)
     assert metric_sum(m, "pgkd_dlq_total", reason="not_utf8", stage="parse") == 2
 
