@@ -4,7 +4,7 @@ PYTHON ?= python3
 # pytest exits 5 when it collects no test; that alone is not a failure here.
 # The suite runs on TEST_WORKERS pytest-xdist workers (each with its own Kafka and
 # Redis): most integration time is waiting on brokers, timeouts and paced traffic,
-# so two workers take ~12.5 min where one took ~18 on this project's 2-core VM
+# so two workers take 11.5-12.5 min where one took ~18 on this project's 2-core VM
 # (README). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 PYTEST = $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
