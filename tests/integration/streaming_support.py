@@ -35,6 +35,7 @@ BANKING = Path(os.environ.get("PGKD_TEST_BANKING77", REPO_ROOT.parent / "shared"
 
 # The settings' own serving defaults, for a test that serves the torch path: exact fp32
 # answers, and nothing to build for a version published without an ONNX graph.
+METRICS_LINE = re.compile(r"metrics on http://[^/]+:(\d+)/metrics")  # streams.metrics.start_metrics_server
 TORCH_SERVING = {"inference_graph": "torchscript", "inference_quantize": "fp32"}
 
 TOPIC_SETTINGS = {
@@ -99,8 +100,7 @@ class StreamEnv:
     def start(self, role: str, *, via_faust: bool = False, **overrides: object) -> Worker:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGKD_")}
         env |= self.env | {f"PGKD_{k.upper()}": str(v) for k, v in overrides.items()}
-        port = free_port()
-        env["PGKD_METRICS_PORT"] = str(port)
+        env["PGKD_METRICS_PORT"] = "0"  # the worker binds a free port and logs it (Worker.metrics_port)
         env["OMP_NUM_THREADS"] = "1"
         if via_faust:
             module = {"classify": "streams.classify", "teacher": "streams.teacher_agent"}[role]
@@ -111,7 +111,7 @@ class StreamEnv:
         log = self.workdir / f"{role}-{n}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        worker = Worker(role, proc, log, port)
+        worker = Worker(role, proc, log)
         self.workers.append(worker)
         return worker
 
@@ -131,7 +131,24 @@ class Worker:
     role: str
     proc: subprocess.Popen
     log: Path
-    metrics_port: int
+    _metrics_port: int | None = None
+
+    @property
+    def metrics_port(self) -> int:
+        """The port of its /metrics, from its log: it binds a free one itself
+        (PGKD_METRICS_PORT=0), so no port picked here can be taken meanwhile by
+        another process, a parallel test's or a Kafka client's outgoing socket."""
+        deadline = time.monotonic() + 120
+        while self._metrics_port is None:
+            found = METRICS_LINE.search(self.tail(10**7))
+            if found:
+                self._metrics_port = int(found[1])
+                break
+            assert self.alive(), f"{self.role} worker exited with {self.proc.returncode}:\n{self.tail()}"
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.role} worker logged no metrics port in 120 s:\n{self.tail()}")
+            time.sleep(0.1)
+        return self._metrics_port
 
     def alive(self) -> bool:
         return self.proc.poll() is None
