@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,41 @@ def test_trainer_killed_mid_round_retries_it_and_never_points_at_a_partial_versi
     current = registry.current()
     assert current == (record["candidate"] if record["outcome"] == "promoted" else seed_version)
     registry.verify(current)
+
+
+def test_trainer_stopped_mid_round_finishes_it_announces_it_then_exits(
+        stream, loop_data, tiny_encoder_dir, tmp_path, redis_db_url):
+    """SIGTERM (docker stop, a rolling deploy) while the round trains: the
+    trainer finishes the round, records it once, announces the promotion on
+    model.updates, and only then exits, cleanly."""
+    from pgkd.student import Student
+    from streams.schemas import RetrainRequest
+
+    env = stream(tmp_path, model_store=tmp_path / "models", seed_train=loop_data.seed_train,
+                 seed_val=loop_data.seed_val, trainer_mode="full", trainer_epochs=80, trainer_patience=80,
+                 gate_min_macro_f1_gain=-1, gate_max_accuracy_drop=1, gate_max_class_f1_drop=1, **TORCH_SERVING)
+    ns = env.env["PGKD_APP_ID_PREFIX"]
+    registry = Registry(tmp_path / "models", redis_db_url, namespace=ns)
+    seed_version = registry.publish(Student.from_pretrained(tiny_encoder_dir, CLASSES, max_length=64, device="cpu"),
+                                    parent=None, round=0, data={}, metrics={}, settings={})
+    registry.promote(seed_version, reason="seed", round=0)
+    round_no = registry.next_round()
+    request = RetrainRequest(request_id=f"{ns}-round-{round_no}", round=round_no, samples_upto="0-0", since="0-0",
+                             trigger="size", counts={}, target_classes=[], generation={}, model_version=seed_version,
+                             ts=time.time())
+    trainer = env.start("trainer")
+    produce_sync(env.bootstrap, env.topics["retrain_requests"], [(request.request_id.encode(), request.dumps())])
+    _wait_for_log(trainer, f"round {round_no}: training a full candidate", timeout_s=120)
+    time.sleep(1)
+    trainer.proc.send_signal(signal.SIGTERM)
+    assert trainer.proc.wait(timeout=240) == 0, trainer.tail()
+
+    (record,) = registry.rounds()
+    assert record["request_id"] == request.request_id and record["attempts"] == 1, record
+    assert record["outcome"] == "promoted" and registry.current() == record["candidate"], record
+    updates = collect_sync(env.bootstrap, [env.topics["model_updates"]],
+                           lambda g: bool(g.of(env.topics["model_updates"])), timeout_s=30)
+    assert [u["version"] for u in updates.of(env.topics["model_updates"])] == [record["candidate"]]
 
 
 def test_curator_with_the_budget_spent_still_requests_a_round_and_says_why(

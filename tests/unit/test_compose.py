@@ -150,6 +150,27 @@ def test_app_service_runs_its_worker_from_the_image(name, role):
     assert any(f.get("path") == ".env" and f.get("required") is False for f in service["env_file"])
 
 
+def _seconds(duration: str) -> float:
+    """A compose duration ("90s", "5m", "1m30s") in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts and duration, f"not a compose duration: {duration!r}"
+    h, m, sec = (int(x or 0) for x in parts.groups())
+    return h * 3600 + m * 60 + sec
+
+
+def test_a_stopped_worker_has_time_to_finish_what_it_does():
+    """A teacher request (up to PGKD_TEACHER_TIMEOUT_S) and a retrain round end
+    before compose kills the worker (test_continual checks the trainer does finish)."""
+    from pgkd.settings import Settings
+
+    request_s = Settings.model_fields["teacher_timeout_s"].default
+    assert _seconds("1m30s") == 90
+    for name in ("teacher", "curator"):
+        assert _seconds(SERVICES[name]["stop_grace_period"]) >= request_s + 10, name
+    for name in ("trainer", "trainer-cpu"):
+        assert _seconds(SERVICES[name]["stop_grace_period"]) >= 120, name
+
+
 def test_every_role_serves_and_publishes_the_measured_int8_onnxruntime_profile():
     """The trainer reads the classifiers' serving settings: it stores the graph they load."""
     for name in ("classifier", "teacher", "curator", "trainer", "trainer-cpu"):
