@@ -297,6 +297,9 @@ def test_trainer_stopped_mid_round_finishes_it_announces_it_then_exits(
     time.sleep(1)
     trainer.proc.send_signal(signal.SIGTERM)
     assert trainer.proc.wait(timeout=240) == 0, trainer.tail()
+    log = trainer.tail(10**7)
+    assert log.index("Signal received: 15") < log.index(f"round {round_no}: candidate macro-F1"), \
+        "the round ended before the signal: it needs more epochs to be stopped in"
 
     (record,) = registry.rounds()
     assert record["request_id"] == request.request_id and record["attempts"] == 1, record
