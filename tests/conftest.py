@@ -15,9 +15,9 @@ never pass by skipping its integration tests.
 
 Isolation: ``kafka_topic`` / ``unique_topic`` give every test fresh topic names,
 and ``redis_client`` / ``redis_db_url`` give every test a flushed database of its
-own. ``make test`` runs the suite on two pytest-xdist workers: each starts its own
-broker and Redis (3. above), and where they share one Redis (1. or 2.) each takes
-its own share of the database numbers (``redis_databases``).
+own. ``make test TEST_WORKERS=2`` runs the suite on two pytest-xdist workers: each
+starts its own broker and Redis (3. above), and where they share one Redis (1. or
+2.) each takes its own share of the database numbers (``redis_databases``).
 """
 
 from __future__ import annotations
