@@ -224,21 +224,18 @@ def test_noisy_teacher_round_is_rejected_and_the_seed_keeps_serving(stream, loop
         env.stop_all()  # while the simulator answers: else the teacher retries a request in flight for ~6 s
 
 
-def test_trainer_killed_mid_round_retries_it_and_never_points_at_a_partial_version(
-        stream, loop_data, tiny_encoder_dir, tmp_path, redis_db_url):
-    """SIGKILL while the round trains; the restarted trainer (after the lock
-    lapsed) retries the round and records it with attempts=2."""
-    import redis
-
+def _trainer_one_second_into_a_round(stream, loop_data, tiny_encoder_dir, tmp_path, redis_db_url, **settings):
+    """A trainer given one retrain request (seed data only), 1 s into training its
+    full candidate: (env, registry, seed version, request, round number, trainer)."""
     from pgkd.student import Student
     from streams.schemas import RetrainRequest
 
     # a tiny encoder trained in full for many epochs: ~10 s of training here (0.12 s an epoch), long
-    # enough to be killed in 1 s after it starts, and a retry that does not take longer than it must
+    # enough to be stopped 1 s after it starts, and a retry that does not take longer than it must
     # (PGKD_SERVE_MODEL, the first argument, is unused: the trainer serves nothing)
     env = stream(tmp_path, model_store=tmp_path / "models", seed_train=loop_data.seed_train,
                  seed_val=loop_data.seed_val, trainer_mode="full", trainer_epochs=80, trainer_patience=80,
-                 trainer_lock_ttl_s=3, trainer_max_attempts=2, **TORCH_SERVING)
+                 **settings, **TORCH_SERVING)
     ns = env.env["PGKD_APP_ID_PREFIX"]
     registry = Registry(tmp_path / "models", redis_db_url, namespace=ns)
     seed_version = registry.publish(Student.from_pretrained(tiny_encoder_dir, CLASSES, max_length=64, device="cpu"),
@@ -252,6 +249,18 @@ def test_trainer_killed_mid_round_retries_it_and_never_points_at_a_partial_versi
     produce_sync(env.bootstrap, env.topics["retrain_requests"], [(request.request_id.encode(), request.dumps())])
     _wait_for_log(trainer, f"round {round_no}: training a full candidate", timeout_s=120)
     time.sleep(1)
+    return env, registry, seed_version, request, round_no, trainer
+
+
+def test_trainer_killed_mid_round_retries_it_and_never_points_at_a_partial_version(
+        stream, loop_data, tiny_encoder_dir, tmp_path, redis_db_url):
+    """SIGKILL while the round trains; the restarted trainer (after the lock
+    lapsed) retries the round and records it with attempts=2."""
+    import redis
+
+    env, registry, seed_version, request, _round_no, trainer = _trainer_one_second_into_a_round(
+        stream, loop_data, tiny_encoder_dir, tmp_path, redis_db_url, trainer_lock_ttl_s=3, trainer_max_attempts=2)
+    ns = env.env["PGKD_APP_ID_PREFIX"]
     trainer.kill()
 
     assert registry.rounds() == []
@@ -276,25 +285,9 @@ def test_trainer_stopped_mid_round_finishes_it_announces_it_then_exits(
     """SIGTERM (docker stop, a rolling deploy) while the round trains: the
     trainer finishes the round, records it once, announces the promotion on
     model.updates, and only then exits, cleanly."""
-    from pgkd.student import Student
-    from streams.schemas import RetrainRequest
-
-    env = stream(tmp_path, model_store=tmp_path / "models", seed_train=loop_data.seed_train,
-                 seed_val=loop_data.seed_val, trainer_mode="full", trainer_epochs=80, trainer_patience=80,
-                 gate_min_macro_f1_gain=-1, gate_max_accuracy_drop=1, gate_max_class_f1_drop=1, **TORCH_SERVING)
-    ns = env.env["PGKD_APP_ID_PREFIX"]
-    registry = Registry(tmp_path / "models", redis_db_url, namespace=ns)
-    seed_version = registry.publish(Student.from_pretrained(tiny_encoder_dir, CLASSES, max_length=64, device="cpu"),
-                                    parent=None, round=0, data={}, metrics={}, settings={})
-    registry.promote(seed_version, reason="seed", round=0)
-    round_no = registry.next_round()
-    request = RetrainRequest(request_id=f"{ns}-round-{round_no}", round=round_no, samples_upto="0-0", since="0-0",
-                             trigger="size", counts={}, target_classes=[], generation={}, model_version=seed_version,
-                             ts=time.time())
-    trainer = env.start("trainer")
-    produce_sync(env.bootstrap, env.topics["retrain_requests"], [(request.request_id.encode(), request.dumps())])
-    _wait_for_log(trainer, f"round {round_no}: training a full candidate", timeout_s=120)
-    time.sleep(1)
+    env, registry, _seed_version, request, round_no, trainer = _trainer_one_second_into_a_round(
+        stream, loop_data, tiny_encoder_dir, tmp_path, redis_db_url,
+        gate_min_macro_f1_gain=-1, gate_max_accuracy_drop=1, gate_max_class_f1_drop=1)
     trainer.proc.send_signal(signal.SIGTERM)
     assert trainer.proc.wait(timeout=240) == 0, trainer.tail()
     log = trainer.tail(10**7)
