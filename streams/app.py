@@ -16,6 +16,7 @@ import faust
 from aiokafka.helpers import create_ssl_context
 
 from pgkd.settings import Settings
+from streams.transport import App
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,13 @@ def _credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
 
 def build_app(settings: Settings, role: str, **conf: object) -> faust.App:
     """The Faust App of one worker role; ``conf``: Faust settings of that role
-    (given here: set on ``app.conf`` later, Faust warns that parts may still use the old value)."""
+    (given here: set on ``app.conf`` later, Faust warns that parts may still use the old value).
+    An :class:`streams.transport.App`: Faust with the rebalance fix described there."""
     app_id = f"{settings.app_id_prefix}-{role}"
     # Faust creates datadir without parents; it holds nothing for a memory store.
     datadir = settings.faust_datadir / app_id
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = App(
         app_id,
         broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",")],
         broker_credentials=_credentials(settings),

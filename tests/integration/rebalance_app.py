@@ -1,6 +1,7 @@
 """A Faust app shaped like streams.classify, for test_rebalance_at_startup.py (not a
-test module itself): its agent waits R_DELAY_S (a model load) before it takes
-batches with streams.delivery.run_batches, and copies each input to R_OUT.
+test module itself): the product's App class (streams.transport), an agent that
+waits R_DELAY_S (a model load) before it takes batches with
+streams.delivery.run_batches, and copies each input to R_OUT.
 
     faust -A rebalance_app worker -l info --without-web
 """
@@ -8,14 +9,13 @@ batches with streams.delivery.run_batches, and copies each input to R_OUT.
 import asyncio
 import os
 
-import faust
-
 from streams.delivery import run_batches, send
+from streams.transport import App
 
-app = faust.App(os.environ["R_APP"], broker=os.environ["R_BROKER"], store="memory://",
-                datadir=os.environ["R_DATADIR"], topic_partitions=4, consumer_auto_offset_reset="earliest",
-                broker_session_timeout=10, broker_heartbeat_interval=3, topic_disable_leader=True,
-                web_enabled=False)
+app = App(os.environ["R_APP"], broker=os.environ["R_BROKER"], store="memory://",
+          datadir=os.environ["R_DATADIR"], topic_partitions=4, consumer_auto_offset_reset="earliest",
+          broker_session_timeout=10, broker_heartbeat_interval=3, topic_disable_leader=True,
+          web_enabled=False)
 src = app.topic(os.environ["R_IN"], value_type=bytes, value_serializer="raw")
 out = app.topic(os.environ["R_OUT"], value_type=bytes, value_serializer="raw", key_serializer="raw")
 

@@ -58,6 +58,13 @@ def test_every_topic_comes_from_settings(tmp_path):
     assert topics.labels_out.compacting and not topics.texts_in.compacting
 
 
+def test_every_worker_consumes_through_the_transport_that_rewinds_uncommitted_partitions(tmp_path):
+    from streams.transport import _ConsumerThread
+
+    app = build_app(Settings(app_id_prefix="unit", faust_datadir=tmp_path), "classify")
+    assert isinstance(app.consumer._thread, _ConsumerThread)  # its seek_to_committed: streams.transport
+
+
 def test_worker_cli_reports_a_bad_setting_in_one_line():
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGKD_")} | {"PGKD_BATCH_SIZE": "0"}
     done = subprocess.run([sys.executable, "-m", "pgkd.cli", "worker", "classify"], env=env,
