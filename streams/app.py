@@ -10,15 +10,52 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 
 import faust
 from aiokafka.helpers import create_ssl_context
 
 from pgkd.settings import Settings
-from streams.transport import App
+from streams import transport
 
 log = logging.getLogger(__name__)
+
+
+class App(faust.App):
+    """The ``faust.App`` of every worker, with two changes:
+
+    - its consumer uses :mod:`streams.transport` (records fetched during a
+      rebalance at start-up were skipped without it);
+    - :meth:`before_consuming`: start-up work (a model load, clients) runs
+      before the worker joins its consumer group. A worker that joined first
+      held its partitions unanswered for as long as the load took (seconds to
+      tens of seconds: every scale-out or restart stalled its share of the
+      traffic), and one that then failed to load cost the group two rebalances.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._before_consuming: list[Callable[[], Awaitable[None]]] = []
+
+    def before_consuming(self, fun: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """Decorator: run ``await fun()`` when the worker starts, before its
+        consumer joins the group (in the order registered). An exception stops the
+        worker's start-up; the roles wrap their start in ``start_or_exit``."""
+        self._before_consuming.append(fun)
+        return fun
+
+    async def on_first_start(self) -> None:
+        # mode starts a service's children (the consumer among them) after on_first_start and on_start
+        await super().on_first_start()
+        for fun in self._before_consuming:
+            await fun()
+
+    def _new_transport(self) -> transport.Transport:
+        urls = self.conf.broker_consumer
+        if urls[0].scheme != "kafka":
+            raise ValueError(f"streams.app.App speaks kafka:// only, not {urls[0].scheme}://")
+        return transport.Transport(urls, self)
 
 
 def _credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
@@ -41,10 +78,10 @@ def _credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
     return credentials
 
 
-def build_app(settings: Settings, role: str, **conf: object) -> faust.App:
+def build_app(settings: Settings, role: str, **conf: object) -> App:
     """The Faust App of one worker role; ``conf``: Faust settings of that role
     (given here: set on ``app.conf`` later, Faust warns that parts may still use the old value).
-    An :class:`streams.transport.App`: Faust with the rebalance fix described there."""
+    An :class:`App`: Faust with the rebalance fix and the ``before_consuming`` hook."""
     app_id = f"{settings.app_id_prefix}-{role}"
     # Faust creates datadir without parents; it holds nothing for a memory store.
     datadir = settings.faust_datadir / app_id

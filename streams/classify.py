@@ -54,7 +54,7 @@ class Classifier:
         self._queued: asyncio.Future | None = None  # resolved once the latest batch queued its records
 
     async def start(self) -> None:
-        if self.model is not None:  # the agent restarts on rebalances; the model stays
+        if self.model is not None:
             return
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(self._executor, load_serving_model, self.settings)
@@ -217,11 +217,16 @@ topics = declare_topics(app, settings)
 classifier = Classifier(settings, topics)
 
 
+@app.before_consuming
+async def load_model() -> None:
+    """The model is loaded before the worker joins the group: no partition waits for it."""
+    await start_or_exit(classifier.start, "classify")
+
+
 @app.agent(topics.texts_in)
 async def classify(stream):
     """Batches of texts.in -> labels.out / teacher.requests / texts.dlq."""
     await topics.declare_all()
-    await start_or_exit(classifier.start, "classify")
     await run_batches(stream, settings.batch_size, settings.batch_within_s, classifier.handle, "classify")
 
 

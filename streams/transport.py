@@ -1,4 +1,5 @@
-"""The Faust App class the workers run: Faust's aiokafka transport with one fix.
+"""The Kafka transport of every worker's App (streams.app.App): Faust's aiokafka
+transport with one fix.
 
 Faust's consumer drops a batch that the fetcher returns while the flow is
 stopped (during a rebalance and until recovery resumes it) and "seeks back to
@@ -22,7 +23,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
@@ -58,13 +58,3 @@ class Transport(faust_aiokafka.Transport):
     """``kafka://`` with :class:`_ConsumerThread`'s seek."""
 
     Consumer = _Consumer
-
-
-class App(faust.App):
-    """A ``faust.App`` whose consumer uses :class:`Transport`."""
-
-    def _new_transport(self) -> Transport:
-        urls = self.conf.broker_consumer
-        if urls[0].scheme != "kafka":
-            raise ValueError(f"streams.transport.App speaks kafka:// only, not {urls[0].scheme}://")
-        return Transport(urls, self)

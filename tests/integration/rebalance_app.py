@@ -1,5 +1,5 @@
 """A Faust app shaped like streams.classify, for test_rebalance_at_startup.py (not a
-test module itself): the product's App class (streams.transport), an agent that
+test module itself): the product's App class (streams.app), an agent that
 waits R_DELAY_S (a model load) before it takes batches with
 streams.delivery.run_batches, and copies each input to R_OUT.
 
@@ -10,7 +10,7 @@ import asyncio
 import os
 
 from streams.delivery import run_batches, send
-from streams.transport import App
+from streams.app import App
 
 app = App(os.environ["R_APP"], broker=os.environ["R_BROKER"], store="memory://",
           datadir=os.environ["R_DATADIR"], topic_partitions=4, consumer_auto_offset_reset="earliest",

@@ -10,9 +10,9 @@ The end-to-end test reproduces the incident with a plain Faust app on the
 product's App class and run_batches: worker A (its agent waits 25 s, like a
 model load) owns half the partitions; B joins, is SIGKILLed, C joins; paced
 traffic meanwhile. Without the fix it lost 276-280 of 1,400 inputs, all on A's
-partitions from their first offset, in 6 of 15 runs (it depends on when a fetch
-returns during the second rebalance); with it, none in 8 runs, among them one
-where the rewind undid a skip of 138 records per partition. The seek test below
+partitions from their first offset, in 6 of 16 runs (it depends on when a fetch
+returns during the second rebalance); with it, none in 6 traced runs, among them
+one where the rewind undid a skip of 138 records per partition. The seek test below
 is the deterministic check of the fix itself."""
 
 from __future__ import annotations

@@ -401,3 +401,6 @@ def test_two_classifier_workers_split_the_partitions(stream, tiny_student):
     done_a, done_b = (metric_sum(w.metrics(), "pgkd_texts_total") for w in (a, b))
     assert done_a > 0 and done_b > 0, (done_a, done_b)
     assert done_a + done_b >= len(ids)
+    for worker in (a, b):  # the model is loaded before the worker joins (streams.app.App.before_consuming)
+        log = worker.tail(10**7)
+        assert 0 <= log.find("serving model ") < log.find("Joined group"), log[:3000]
