@@ -2,10 +2,10 @@
 PYTHON ?= python3
 
 # pytest exits 5 when it collects no test; that alone is not a failure here.
-# TEST_WORKERS=2 runs the suite on two pytest-xdist workers (each with its own Kafka
-# and Redis): 11.5-12.5 min instead of ~18 on this project's 2-core VM. Not the
-# default: under that load the chaos test can hit a known bug (README, "make test").
-TEST_WORKERS ?= 0
+# The suite runs on two pytest-xdist workers (each with its own Kafka and Redis;
+# most of an integration test is waiting): 8 min on a 2-core Xeon, 11.5-12.5 on a
+# 2-core AMD EPYC, against ~19 there in one process (TEST_WORKERS=0).
+TEST_WORKERS ?= 2
 PYTEST = $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 pytest_ok_if_empty = status=0; $(PYTEST) $(1) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest: no tests collected"; status=0; fi; exit $$status
