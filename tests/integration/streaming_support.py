@@ -244,14 +244,25 @@ class LocalService:
         """Graceful: SIGTERM, then wait (the script's own stop)."""
         self._run("stop")
 
+    @property
+    def pid(self) -> int:
+        return int((self.data_dir / f"{self.script}.pid").read_text().strip())
+
     def kill(self) -> None:
         """SIGKILL, as a crash would: no controlled shutdown, no flush beyond the page cache."""
-        pidfile = self.data_dir / f"{self.script}.pid"
-        pid = int(pidfile.read_text().strip())
+        pid = self.pid
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while _running(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the process hangs with its sockets open, as behind a network
+        partition or in a long GC pause: clients get no error, only no answer."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
 
 
 def _running(pid: int) -> bool:

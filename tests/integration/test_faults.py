@@ -139,8 +139,12 @@ def own_redis(tmp_path):
 # --- the broker crashes and comes back ------------------------------------------------------
 
 
+@pytest.mark.parametrize("fault", ["crash", "freeze"])
 def test_broker_crash_and_restart_mid_stream_loses_no_id(own_kafka, redis_db_url, unique_topic, tmp_path,
-                                                          tiny_student):
+                                                          tiny_student, fault):
+    """crash: SIGKILL, down 5 s, restarted on the same data dir. freeze: SIGSTOP for
+    15 s (past the group's 10 s session timeout), then SIGCONT: the broker's
+    sockets stay open and nothing answers, as behind a network partition."""
     n, rate = 3000, 100.0
     # fp32: a redelivery repeats the very record (int8 quantizes activations per pass: docs/RELIABILITY.md)
     env = stream_env(own_kafka.address, redis_db_url, unique_topic, tmp_path, tiny_student, batch_size=32,
@@ -155,16 +159,22 @@ def test_broker_crash_and_restart_mid_stream_loses_no_id(own_kafka, redis_db_url
         producer.start()
         collect_sync(env.bootstrap, [t["labels_out"]], lambda g: len(g.of(t["labels_out"])) >= 600,
                      timeout_s=120, workers=[worker])
-        own_kafka.kill()
-        down_at = time.time()
-        time.sleep(5)
-        own_kafka.start()
+        if fault == "crash":
+            own_kafka.kill()
+            down_at = time.time()
+            time.sleep(5)
+            own_kafka.start()
+        else:
+            own_kafka.freeze()
+            down_at = time.time()
+            time.sleep(15)
+            own_kafka.thaw()
         up_at = time.time()
         producer.finish()
         got = collect_sync(env.bootstrap, [t["labels_out"]],
                            lambda g: {r["id"] for r in g.of(t["labels_out"])} >= set(ids),
                            timeout_s=300, workers=[worker], linger_s=3)
-        assert worker.alive(), "the worker did not ride out the broker crash"
+        assert worker.alive(), f"the worker did not ride out the broker {fault}"
     finally:
         env.stop_all()
         print(env.logs())
@@ -172,7 +182,7 @@ def test_broker_crash_and_restart_mid_stream_loses_no_id(own_kafka, redis_db_url
     assert {r["id"] for r in records} == set(ids)
     assert_redeliveries_identical(records)
     dups, gap = duplicates_and_gap(got, t["labels_out"])
-    print(f"RELIABILITY broker-crash: {n} ids, 0 lost, {dups} duplicate answers (redeliveries), "
+    print(f"RELIABILITY broker-{fault}: {n} ids, 0 lost, {dups} duplicate answers (redeliveries), "
           f"{producer.resent} producer resends, broker down {up_at - down_at:.1f}s, "
           f"longest gap between answers {gap:.1f}s")
     assert gap >= up_at - down_at - 1  # the outage is visible: this really ran across it
