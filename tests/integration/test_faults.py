@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -186,6 +187,58 @@ def test_broker_crash_and_restart_mid_stream_loses_no_id(own_kafka, redis_db_url
           f"{producer.resent} producer resends, broker down {up_at - down_at:.1f}s, "
           f"longest gap between answers {gap:.1f}s")
     assert gap >= up_at - down_at - 1  # the outage is visible: this really ran across it
+
+
+# --- a rolling restart of the classifiers --------------------------------------------------
+
+
+def test_rolling_restart_of_the_classifiers_loses_nothing_and_answers_nothing_twice(kafka_bootstrap, redis_db_url,
+                                                                                     unique_topic, tmp_path,
+                                                                                     tiny_student):
+    """A deploy: two classifiers under paced traffic; each in turn gets SIGTERM
+    (docker stop), exits, and a new one is started. A graceful stop finishes and
+    commits what the worker holds, so nothing is answered twice, and the traffic
+    waits only for the rebalances (the new one loads its model before joining)."""
+    n, rate = 2400, 80.0
+    env = stream_env(kafka_bootstrap, redis_db_url, unique_topic, tmp_path, tiny_student, batch_size=32,
+                     **TORCH_SERVING)
+    t = env.topics
+    try:
+        workers = [env.start("classify"), env.start("classify")]
+        for worker in workers:
+            worker.wait_ready()
+        ids = [f"d{i}" for i in range(n)]
+        producer = Producer(env.bootstrap, t["texts_in"],
+                            [text_message(i, f"where is my card {i}") for i in ids], rate)
+        producer.start()
+        collect_sync(env.bootstrap, [t["labels_out"]], lambda g: len(g.of(t["labels_out"])) >= 400,
+                     timeout_s=120, workers=workers)
+        exits = []
+        for old in list(workers):
+            old.proc.send_signal(signal.SIGTERM)
+            exits.append(old.proc.wait(timeout=60))
+            new = env.start("classify")
+            new.wait_ready()
+            workers = [w for w in workers if w is not old] + [new]
+            time.sleep(3)
+        producer.finish()
+        got = collect_sync(env.bootstrap, [t["labels_out"]],
+                           lambda g: {r["id"] for r in g.of(t["labels_out"])} >= set(ids),
+                           timeout_s=300, workers=workers, linger_s=3)
+    finally:
+        env.stop_all()
+        print(env.logs())
+    records = student_answers(got, t["labels_out"])
+    dups, gap = duplicates_and_gap(got, t["labels_out"])
+    print(f"RELIABILITY rolling-restart: {n} ids, 2 classifiers replaced one by one, exit codes {exits}, "
+          f"{len({r['id'] for r in records} ^ set(ids))} lost, {dups} duplicate answers, "
+          f"longest gap between answers {gap:.1f}s")
+    assert exits == [0, 0]
+    assert {r["id"] for r in records} == set(ids)
+    # 0 in every run since streams.transport commits before a revoke (200-293 before: every
+    # rebalance redelivered the acks since the last commit); a SIGTERM landing while a batch
+    # is in flight may still redeliver that batch: at most two per stop
+    assert dups <= 2 * 2 * 32, dups
 
 
 # --- Redis crashes and comes back ----------------------------------------------------------
