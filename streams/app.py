@@ -17,7 +17,7 @@ import faust
 from aiokafka.helpers import create_ssl_context
 
 from pgkd.settings import Settings
-from streams import transport
+from streams import metrics, transport
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,23 @@ class App(faust.App):
       before the worker joins its consumer group. A worker that joined first
       held its partitions unanswered for as long as the load took (seconds to
       tens of seconds: every scale-out or restart stalled its share of the
-      traffic), and one that then failed to load cost the group two rebalances.
+      traffic), and one that then failed to load cost the group two rebalances;
+    - its rebalances and assigned partitions are metrics (``pgkd_rebalances_total``,
+      ``pgkd_assigned_partitions``): a group that keeps rebalancing (a crash loop,
+      a worker too busy to heartbeat) answers late and repeats work.
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self._before_consuming: list[Callable[[], Awaitable[None]]] = []
+        self.on_partitions_assigned.connect(self._count_assigned)
+
+    def on_rebalance_start(self) -> None:
+        super().on_rebalance_start()
+        metrics.REBALANCES.inc()
+
+    async def _count_assigned(self, sender: object, assigned: set, **kwargs: object) -> None:
+        metrics.ASSIGNED_PARTITIONS.set(len(assigned))
 
     def before_consuming(self, fun: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
         """Decorator: run ``await fun()`` when the worker starts, before its

@@ -86,6 +86,11 @@ DLQ = Counter("pgkd_dlq", "Records sent to texts.dlq", ["reason", "stage"])
 REDIS_ERRORS = Counter("pgkd_redis_errors", "Redis operations that failed (the worker went on)", ["op"])
 
 
+# --- the consumer group (every worker) --------------------------------------------
+REBALANCES = Counter("pgkd_rebalances", "Consumer group rebalances this worker went through")
+ASSIGNED_PARTITIONS = Gauge("pgkd_assigned_partitions", "Partitions assigned to this worker by its consumer group")
+
+
 # --- the Python process ----------------------------------------------------------
 GC_PAUSE = Histogram(
     "pgkd_gc_pause_seconds", "Cyclic garbage collections: time each held the GIL", ["generation"],

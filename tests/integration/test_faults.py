@@ -225,9 +225,12 @@ def test_rolling_restart_of_the_classifiers_loses_nothing_and_answers_nothing_tw
         got = collect_sync(env.bootstrap, [t["labels_out"]],
                            lambda g: {r["id"] for r in g.of(t["labels_out"])} >= set(ids),
                            timeout_s=300, workers=workers, linger_s=3)
+        group = [w.metrics() for w in workers]  # the two new workers: both joined, the second saw a rebalance
     finally:
         env.stop_all()
         print(env.logs())
+    assert sum(metric_sum(m, "pgkd_assigned_partitions") for m in group) == 4  # texts.in has 4 partitions
+    assert [metric_sum(m, "pgkd_rebalances_total") >= 1 for m in group] == [True, True], group
     records = student_answers(got, t["labels_out"])
     dups, gap = duplicates_and_gap(got, t["labels_out"])
     print(f"RELIABILITY rolling-restart: {n} ids, 2 classifiers replaced one by one, exit codes {exits}, "
