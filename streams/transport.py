@@ -25,6 +25,9 @@ offsets of the revoked partitions (all of them: Kafka's eager rebalance) before
 it commits at a revoke, so that commit has nothing to commit
 (faust-streaming#502). The fix commits what is acked first. The batches still
 in flight are acked and committed after, as before (the App waits for them).
+Every such commit first waits for a periodic commit that is running: Faust's
+``commit()`` returns without committing when one is, and that one covers only
+the acks from before it started.
 A rolling restart of two classifiers answered 200-290 texts twice without it
 (tests/integration/test_faults.py, the rolling-restart test).
 """
@@ -66,8 +69,18 @@ class _Consumer(faust_aiokafka.Consumer):
 
     async def on_partitions_revoked(self, revoked: set) -> None:
         # before Faust drops the acked offsets of the revoked partitions (fix 2)
-        await self.commit()
+        await self._commit_every_ack()
         await super().on_partitions_revoked(revoked)
+
+    async def commit_and_end_transactions(self) -> None:
+        # Faust's last commit at a revoke and at a stop, after the streams are empty
+        await self._commit_every_ack()
+
+    async def _commit_every_ack(self) -> None:
+        # commit() returns without committing when another commit is running (the
+        # periodic one): that one covers only the acks from before it started
+        await self.maybe_wait_for_commit_to_finish()
+        await self.commit(start_new_transaction=False)
 
 
 class Transport(faust_aiokafka.Transport):
