@@ -648,12 +648,10 @@ def test_sustained_load_keeps_worker_memory_flat_and_lag_returns_to_zero(stream,
 CLOSE_LOCK_TTL_S = 6.0  # PGKD_CURATOR_CLOSE_LOCK_TTL_S of this test: the successor waits for it to lapse
 
 
-def test_a_curator_killed_mid_close_is_resumed_by_the_next_one_once(stream, tiny_student, sim_pool, tmp_path,
-                                                                     redis_db_url):
-    """The close waits for the teacher's generation (the simulator holds its answer),
-    the curator is SIGKILLed there; the next curator resumes the same close once
-    the lock lapses (PGKD_CURATOR_CLOSE_LOCK_TTL_S, here 6 s; renewed while a close
-    runs): one retrain request, with the round number of the interrupted close."""
+def _curator_closing_round_1(stream, tiny_student, sim_pool, tmp_path: Path, redis_url: str, delay_s: float):
+    """A curator set-up (not started) whose first close, of 20 teacher labels (round 1),
+    waits ``delay_s`` per generation request. Returns (env, sim, 30 teacher-label
+    messages, their texts)."""
     from streams.schemas import TeacherLabel
 
     train = banking("train")
@@ -662,13 +660,12 @@ def test_a_curator_killed_mid_close_is_resumed_by_the_next_one_once(stream, tiny
     val = [i for r in rows.values() for i in r[2:4]]
     seed_train = write_labelled(tmp_path / "seed_train.csv", train.subset(seed))
     seed_val = write_labelled(tmp_path / "seed_val.csv", train.subset(val))
-    sim = SimulatorServer(sim_pool, delay_s=60.0)  # the generation request hangs until the test lets it go
+    sim = SimulatorServer(sim_pool, delay_s=delay_s)
     env = stream(tiny_student, model_store=tmp_path / "models", teacher_base_url=sim.url, teacher_timeout_s=120,
                  seed_train=seed_train, seed_val=seed_val, curator_batch_size=20, curator_batch_window_s=0,
                  curator_drift_trigger="false", curator_generate=8, curator_target_classes=4,
                  curator_close_lock_ttl_s=CLOSE_LOCK_TTL_S)
-    t, prefix = env.topics, env.env["PGKD_APP_ID_PREFIX"]
-    registry = Registry(tmp_path / "models", redis_db_url, namespace=prefix)
+    registry = Registry(tmp_path / "models", redis_url, namespace=env.env["PGKD_APP_ID_PREFIX"])
     version = registry.import_dir(tiny_student)
     registry.promote(version, reason="seed", round=0)
     pool = [i for i in range(len(train)) if i not in set(seed) | set(val)][:30]
@@ -677,13 +674,30 @@ def test_a_curator_killed_mid_close_is_resumed_by_the_next_one_once(stream, tiny
                                                teacher_model="teacher-sim", usage={}, student_label=train.labels[0],
                                                student_confidence=0.2, model_version=version, ts=now,
                                                labelled_at=now).dumps()) for i in pool]
+    return env, sim, labels, [train.texts[i] for i in pool]
+
+
+def _wait_closing(curator, sim) -> None:
+    """Until the curator closes round 1 and its generation request has reached the teacher."""
+    deadline = time.monotonic() + 120
+    while "closing batch for round 1" not in curator.tail(10**7) or sim.stats["chat_requests"] == 0:
+        assert curator.alive() and time.monotonic() < deadline, curator.tail()
+        time.sleep(0.5)
+
+
+def test_a_curator_killed_mid_close_is_resumed_by_the_next_one_once(stream, tiny_student, sim_pool, tmp_path,
+                                                                     redis_db_url):
+    """The close waits for the teacher's generation (the simulator holds its answer),
+    the curator is SIGKILLed there; the next curator resumes the same close once
+    the lock lapses (PGKD_CURATOR_CLOSE_LOCK_TTL_S, here 6 s; renewed while a close
+    runs): one retrain request, with the round number of the interrupted close."""
+    env, sim, labels, pool_texts = _curator_closing_round_1(stream, tiny_student, sim_pool, tmp_path, redis_db_url,
+                                                            delay_s=60.0)  # hangs until the test lets it go
+    t, prefix = env.topics, env.env["PGKD_APP_ID_PREFIX"]
     try:
         first = env.start("curator")
         produce_sync(env.bootstrap, t["teacher_labels"], labels[:20])
-        deadline = time.monotonic() + 120
-        while "closing batch for round 1" not in first.tail(10**7) or sim.stats["chat_requests"] == 0:
-            assert first.alive() and time.monotonic() < deadline, first.tail()
-            time.sleep(0.5)
+        _wait_closing(first, sim)
         first.kill()  # mid-close: the request is not out yet, the generation is still waiting
         killed_at = time.time()
         sim.delay_s = 0.0
@@ -713,8 +727,39 @@ def test_a_curator_killed_mid_close_is_resumed_by_the_next_one_once(stream, tiny
     # had already added (when the close ran first) is a duplicate sample, not counted
     generated = {sample_hash(fields[b"text"].decode()) for _id, fields in client.xrange(f"{prefix}:curator:samples")
                  if fields[b"source"] == b"generated"}
-    taken_by_generation = sum(sample_hash(train.texts[i]) in generated for i in pool[20:])
+    taken_by_generation = sum(sample_hash(text) in generated for text in pool_texts[20:])
     client.close()
     assert int(batch.get(b"teacher", 0)) == 10 - taken_by_generation
     print(f"RELIABILITY curator killed mid-close: the next curator published the same request "
           f"{resumed_s:.0f}s after the kill ({taken_by_generation} of the next batch's labels generated first)")
+
+def test_a_curator_stopped_mid_close_finishes_the_close_then_exits(stream, tiny_student, sim_pool, tmp_path,
+                                                                   redis_db_url):
+    """SIGTERM (docker stop) while the close waits for the teacher's generation (5 s
+    per request here): the curator finishes the close, publishes its retrain request
+    and exits 0; the next curator finds nothing to resume."""
+    env, sim, labels, _texts = _curator_closing_round_1(stream, tiny_student, sim_pool, tmp_path, redis_db_url,
+                                                        delay_s=5.0)
+    t, prefix = env.topics, env.env["PGKD_APP_ID_PREFIX"]
+    try:
+        first = env.start("curator")
+        produce_sync(env.bootstrap, t["teacher_labels"], labels[:20])
+        _wait_closing(first, sim)
+        first.proc.send_signal(signal.SIGTERM)
+        stopped_at = time.time()
+        code = first.proc.wait(timeout=120)
+        exited_at = time.time()
+        second = env.start("curator")
+        second.wait_ready()
+        got = collect_sync(env.bootstrap, [t["retrain_requests"]], lambda g: bool(g.of(t["retrain_requests"])),
+                           timeout_s=60, workers=[second], linger_s=8)
+    finally:
+        sim.close()
+    assert code == 0, first.tail()
+    ((published, request),) = got.stamped(t["retrain_requests"])  # exactly one
+    assert stopped_at < published < exited_at, (stopped_at, published, exited_at)  # by the stopping curator
+    assert request["request_id"] == f"{prefix}-round-1" and request["round"] == 1
+    assert "a batch close was interrupted" not in second.tail(10**7)
+    print(f"RELIABILITY curator stopped mid-close: it published the request {published - stopped_at:.1f}s after "
+          f"the SIGTERM and exited {exited_at - stopped_at:.1f}s after it, code 0")
+
