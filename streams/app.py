@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class App(faust.App):
-    """The ``faust.App`` of every worker, with two changes:
+    """The ``faust.App`` of every worker, with three changes:
 
-    - its consumer uses :mod:`streams.transport` (records fetched during a
-      rebalance at start-up were skipped without it);
+    - its consumer uses :mod:`streams.transport` (without it, records fetched
+      during a rebalance at start-up were skipped, and every rebalance
+      redelivered what was acked since the last commit);
     - :meth:`before_consuming`: start-up work (a model load, clients) runs
       before the worker joins its consumer group. A worker that joined first
       held its partitions unanswered for as long as the load took (seconds to
@@ -92,7 +93,7 @@ def _credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
 def build_app(settings: Settings, role: str, **conf: object) -> App:
     """The Faust App of one worker role; ``conf``: Faust settings of that role
     (given here: set on ``app.conf`` later, Faust warns that parts may still use the old value).
-    An :class:`App`: Faust with the rebalance fix and the ``before_consuming`` hook."""
+    An :class:`App`: Faust with the rebalance fixes, the ``before_consuming`` hook and rebalance metrics."""
     app_id = f"{settings.app_id_prefix}-{role}"
     # Faust creates datadir without parents; it holds nothing for a memory store.
     datadir = settings.faust_datadir / app_id
