@@ -52,9 +52,21 @@ def _unavailable(what: str, detail: str = "") -> None:
 
 def _free_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` different TCP ports free on 127.0.0.1 right now. Picked with every socket
+    held open: two single picks can return the same port (a broker once got its
+    listener and controller on one port and could not start)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _kafka_probe():
@@ -142,7 +154,7 @@ def kafka_bootstrap(tmp_path_factory) -> Iterator[str]:
             yield container.get_bootstrap_server()
         return
 
-    port, controller_port = _free_port(), _free_port()
+    port, controller_port = _free_ports(2)
     data_dir = tmp_path_factory.mktemp("kafka")
     args = ("--port", str(port), "--controller-port", str(controller_port), "--data-dir", str(data_dir))
     started = _run_local("kafka", "start", *args, env={"KAFKA_START_TIMEOUT": str(KAFKA_READY_TIMEOUT_S)})

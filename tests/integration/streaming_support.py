@@ -58,9 +58,20 @@ def banking(split: str) -> LabelledTexts:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` different free loopback ports, picked with every socket held open (two
+    single picks can return the same port)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass
@@ -218,8 +229,13 @@ class LocalService:
 
     script: str  # "kafka" | "redis"
     data_dir: Path
-    port: int = field(default_factory=free_port)
-    controller_port: int = field(default_factory=free_port)
+    port: int = 0  # 0: free ports picked together (__post_init__)
+    controller_port: int = 0
+
+    def __post_init__(self) -> None:
+        picked = iter(free_ports(2))
+        self.port = self.port or next(picked)
+        self.controller_port = self.controller_port or next(picked)
 
     @property
     def args(self) -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from streaming_support import TORCH_SERVING, StreamEnv, free_port, text_message
+from streaming_support import TORCH_SERVING, StreamEnv, free_port, free_ports, text_message
 
 from pgkd.errors import RegistryUnavailable
 from pgkd.registry import Registry
@@ -64,7 +64,7 @@ def sasl_broker(tmp_path_factory) -> Iterator[dict]:
     """A broker of its own: PLAINTEXT and SASL_PLAINTEXT listeners on free loopback ports."""
     work = tmp_path_factory.mktemp("sasl-kafka")
     users = _secret_file(work / "users", f"{SASL_USER}:{SASL_PASSWORD}\nother:other-pass")
-    port, cport, sport = free_port(), free_port(), free_port()
+    port, cport, sport = free_ports(3)
     args = ("--port", str(port), "--controller-port", str(cport), "--data-dir", str(work / "kafka"))
     started = _local("kafka", "start", *args, "--sasl-port", str(sport), "--sasl-users-file", str(users))
     try:
