@@ -16,7 +16,9 @@ at the end, also on Ctrl-C.
 2. latency at 25%, 50% and 90% of the sustained rate (median of the rounds): a
    paced producer (one send per 1/rate s, linger 0) for --seconds each; latency
    = the time a labels.out record reaches this process's consumer minus the
-   input's produce timestamp (the output carries it as ``ts``).
+   input's produce timestamp (the output carries it as ``ts``). This process
+   does not collect garbage while it times a rate (its own pauses would count
+   as the product's latency).
 
     python bench/stream_bench.py                       # ~4 min on 2 busy cores
     python bench/stream_bench.py --messages 600 --rounds 1 --seconds 5 --no-docs   # a quick look
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -68,15 +71,23 @@ async def paced(producer: AIOKafkaProducer, outputs: Outputs, worker, topic: str
     before = worker_counters(worker)
     n = max(20, int(rate * seconds))
     batch = messages(prefix, texts, n)
-    start = time.monotonic()
-    for i, (key, value) in enumerate(batch):
-        delay = start + i / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await producer.send(topic, key=key, value=value)
-    sent_s = time.monotonic() - start
-    ids = [k.decode() for k, _ in batch]
-    await outputs.wait_for(ids, timeout_s)
+    # This process imported torch for the raw limit: one of its full garbage collections
+    # stopped it for 226 ms, and the answers that arrived meanwhile were timed late
+    # (2026-11-30). The instrument must not add its own pauses: no collection while timing.
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.monotonic()
+        for i, (key, value) in enumerate(batch):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await producer.send(topic, key=key, value=value)
+        sent_s = time.monotonic() - start
+        ids = [k.decode() for k, _ in batch]
+        await outputs.wait_for(ids, timeout_s)
+    finally:
+        gc.enable()
     lat = np.array([1000 * (outputs.seen[i][0] - outputs.seen[i][1]) for i in ids])
     # where the time went: input produced -> the worker sent the answer (Kafka timestamps of both), and
     # answer sent -> it arrived here
