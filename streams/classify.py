@@ -54,8 +54,7 @@ class Classifier:
         self._queued: asyncio.Future | None = None  # resolved once the latest batch queued its records
 
     async def start(self) -> None:
-        if self.model is not None:
-            return
+        """Load, verify and warm up the model; once, before the worker joins its group."""
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(self._executor, load_serving_model, self.settings)
         self.swap(model)

@@ -9,8 +9,8 @@ streams.delivery.run_batches, and copies each input to R_OUT.
 import asyncio
 import os
 
-from streams.delivery import run_batches, send
 from streams.app import App
+from streams.delivery import run_batches, send
 
 app = App(os.environ["R_APP"], broker=os.environ["R_BROKER"], store="memory://",
           datadir=os.environ["R_DATADIR"], topic_partitions=4, consumer_auto_offset_reset="earliest",
