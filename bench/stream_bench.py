@@ -34,6 +34,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="FILE", help="py-spy the worker from the first sustained round to the end (raw format)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
     args = p.parse_args(argv)
+    if args.profile and shutil.which("py-spy") is None:
+        p.error("--profile needs py-spy: pip install -e '.[bench]'")
     return run_with_services("stream", args, lambda *a: asyncio.run(run(*a)), markdown)
 
 
