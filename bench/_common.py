@@ -226,6 +226,7 @@ def worker_args(p, threads_help: str = "torch threads of the worker") -> None:
     p.add_argument("--inference-batch-size", type=int, default=16, help="PGKD_INFERENCE_BATCH_SIZE")
     p.add_argument("--lanes", type=int, default=1, choices=(1, 2), help="PGKD_INFERENCE_LANES")
     p.add_argument("--within", type=float, default=0.01, help="PGKD_BATCH_WITHIN_S")
+    p.add_argument("--switch-interval", type=float, default=0.0005, help="PGKD_GIL_SWITCH_INTERVAL_S (0: Python's 5 ms)")
     p.add_argument("--model", help="a Student.save() directory (default: the trained-head MiniLM of the tests)")
     p.add_argument("--bootstrap", help="an existing Kafka (default: start one)")
     p.add_argument("--redis", help="an existing Redis URL with a free database (default: start one)")

@@ -183,7 +183,8 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
     texts = list(banking("test").texts)
     settings = {"inference_quantize": args.quantize, "inference_graph": args.graph, "torch_threads": args.threads,
                 "batch_size": args.batch_size, "inference_batch_size": args.inference_batch_size, "batch_within_s": args.within,
-                "inference_lanes": args.lanes}
+                "inference_lanes": args.lanes,
+                "gil_switch_interval_s": args.switch_interval}
     run_id = uuid.uuid4().hex[:8]
     env = StreamEnv.make(bootstrap, redis_url, lambda stem: f"{stem}-hotswap-{run_id}", workdir, model_dir,
                          model_store=workdir / "models", model_poll_s=0, **settings)
@@ -341,7 +342,7 @@ def markdown(res: dict) -> str:
          f"PGKD_INFERENCE_GRAPH={s.get('inference_graph', 'eager')}, "
          f"PGKD_TORCH_THREADS={s['torch_threads']}, PGKD_BATCH_SIZE={s['batch_size']}, "
          f"PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, "
-         f"PGKD_INFERENCE_LANES={s.get('inference_lanes', 1)}, PGKD_BATCH_WITHIN_S={s['batch_within_s']}. "
+         f"PGKD_INFERENCE_LANES={s.get('inference_lanes', 1)}, PGKD_BATCH_WITHIN_S={s['batch_within_s']}, PGKD_GIL_SWITCH_INTERVAL_S={s.get('gil_switch_interval_s', 0)}. "
          f"Version {res['versions'][0]} = {res['model']} (MiniLM-L6, trained head); "
          f"{', '.join(res['versions'][1:])} = the same with its head perturbed (noise {a['noise']} x the weights' "
          f"std, one seed each){stored}. {len(res['promotions'])} promotions, {a['quiet']:.0f} s apart: a new version, then a "

@@ -172,7 +172,8 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
     texts = list(banking("test").texts)
     settings = {"inference_quantize": args.quantize, "inference_graph": args.graph, "torch_threads": args.threads,
                 "batch_size": args.batch_size, "inference_batch_size": args.inference_batch_size, "batch_within_s": args.within,
-                "inference_lanes": args.lanes}
+                "inference_lanes": args.lanes,
+                "gil_switch_interval_s": args.switch_interval}
     run_id = uuid.uuid4().hex[:8]
     env = StreamEnv.make(bootstrap, redis_url, lambda stem: f"{stem}-bench-{run_id}", workdir, model_dir, **settings)
     topic = env.topics["texts_in"]
@@ -268,7 +269,7 @@ def markdown(res: dict) -> str:
          f"PGKD_INFERENCE_GRAPH={s.get('inference_graph', 'eager')}, PGKD_TORCH_THREADS={s['torch_threads']}, "
          f"PGKD_BATCH_SIZE={s['batch_size']}, PGKD_INFERENCE_BATCH_SIZE={s['inference_batch_size']}, "
          f"PGKD_INFERENCE_LANES={s.get('inference_lanes', 1)}, "
-         f"PGKD_BATCH_WITHIN_S={s['batch_within_s']}, 4 partitions, acks=all, Kafka and Redis from deploy/local "
+         f"PGKD_BATCH_WITHIN_S={s['batch_within_s']}, PGKD_GIL_SWITCH_INTERVAL_S={s.get('gil_switch_interval_s', 0)}, 4 partitions, acks=all, Kafka and Redis from deploy/local "
          "on loopback."),
         "",
         "| measure | texts/s, median (min-max) |",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ class Classifier:
 
     async def start(self) -> None:
         """Load, verify and warm up the model; once, before the worker joins its group."""
+        share_the_gil(self.settings)
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(self._executor, load_serving_model, self.settings)
         self.swap(model)
@@ -198,6 +200,21 @@ class Classifier:
         if self.drift is not None and answered:  # Redis is written only when an alarm is raised
             labels, confidences, _ = zip(*answered)
             await self.drift.after_batch(labels, confidences, version=model.version)
+
+
+def share_the_gil(settings: Settings) -> None:
+    """Set this process's GIL switch interval to PGKD_GIL_SWITCH_INTERVAL_S (0:
+    leave Python's 5 ms).
+
+    The inference thread releases the GIL inside every forward pass and must
+    retake it after each one (to read the result and pad the next pass). When the
+    event loop holds it then (building a batch's records, the consumer's fetches),
+    Python makes the waiting thread wait a whole switch interval before it asks
+    the holder to let go. At 5 ms that kept the inference thread off its core ~13%
+    of the time under a backlog (docs/BENCHMARKS.md, "The GIL switch interval")."""
+    if settings.gil_switch_interval_s:
+        sys.setswitchinterval(settings.gil_switch_interval_s)
+        log.info("GIL switch interval %.1f ms", 1000 * sys.getswitchinterval())
 
 
 def _timed(predict, texts: list[str], size: int) -> np.ndarray:

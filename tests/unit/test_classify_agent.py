@@ -3,6 +3,7 @@ cannot take is isolated (-> DLQ), a model that fails on everything stops the bat
 
 import asyncio
 import importlib
+import sys
 import time
 
 import numpy as np
@@ -195,3 +196,37 @@ def test_two_lanes_infer_two_batches_at_once_and_answer_in_batch_order(monkeypat
         assert sent == ["1a", "1b", "2a", "2b"]
 
     asyncio.run(run())
+
+
+# --- the GIL switch interval: set at start, before the model loads ---
+
+
+@pytest.fixture
+def switch_interval():
+    before = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(before)
+
+
+def test_the_worker_shortens_the_gil_switch_interval_before_it_loads_its_model(classifier, monkeypatch,
+                                                                                switch_interval):
+    worker, model = classifier
+    sys.setswitchinterval(0.005)  # Python's default
+    module = importlib.import_module("streams.classify")
+    seen = []
+    monkeypatch.setattr(module, "load_serving_model", lambda settings: seen.append(sys.getswitchinterval()) or model)
+    asyncio.run(worker.start())
+    assert worker.settings.gil_switch_interval_s == 0.0005  # the default
+    assert seen == [pytest.approx(0.0005)]
+    assert worker.model is model
+
+
+def test_a_zero_switch_interval_leaves_pythons_own(switch_interval):
+    from pgkd.settings import Settings
+    from streams.classify import share_the_gil
+
+    sys.setswitchinterval(0.004)
+    share_the_gil(Settings(gil_switch_interval_s=0))
+    assert sys.getswitchinterval() == pytest.approx(0.004)
+    share_the_gil(Settings(gil_switch_interval_s=0.001))
+    assert sys.getswitchinterval() == pytest.approx(0.001)
