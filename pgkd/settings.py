@@ -107,7 +107,8 @@ class Settings(BaseSettings):
     gil_switch_interval_s: float = Field(
         0.0005, ge=0, le=0.1, description="the classify worker's GIL switch interval (sys.setswitchinterval; 0 = "
         "Python's 5 ms): the inference thread retakes the GIL after every forward pass, and waits up to this long "
-        "while the event loop holds it. 0.5 ms: sustained/raw 0.84 against 0.81 at 5 ms (docs/BENCHMARKS.md)"
+        "while the event loop holds it. 0.5 ms: sustained/raw 0.84 against 0.805 at 5 ms, medians of interleaved runs, "
+        "a gain within one run's spread (docs/BENCHMARKS.md)"
     )
     low_conf_threshold: float = Field(0.5, ge=0, le=1, description="max probability below this -> teacher")
     margin_threshold: float = Field(0.0, ge=0, le=1, description="top1 - top2 below this -> teacher (0 = off)")

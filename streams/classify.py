@@ -210,8 +210,9 @@ def share_the_gil(settings: Settings) -> None:
     retake it after each one (to read the result and pad the next pass). When the
     event loop holds it then (building a batch's records, the consumer's fetches),
     Python makes the waiting thread wait a whole switch interval before it asks
-    the holder to let go. At 5 ms that kept the inference thread off its core ~13%
-    of the time under a backlog (docs/BENCHMARKS.md, "The GIL switch interval")."""
+    the holder to let go. Under a backlog the inference thread ran 0.86 of a core
+    at 5 ms and 0.89 at 0.5 ms (medians of interleaved runs; docs/BENCHMARKS.md,
+    "Session 14 on the same Xeon")."""
     if settings.gil_switch_interval_s:
         sys.setswitchinterval(settings.gil_switch_interval_s)
         log.info("GIL switch interval %.1f ms", 1000 * sys.getswitchinterval())

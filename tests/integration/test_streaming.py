@@ -404,3 +404,4 @@ def test_two_classifier_workers_split_the_partitions(stream, tiny_student):
     for worker in (a, b):  # the model is loaded before the worker joins (streams.app.App.before_consuming)
         log = worker.tail(10**7)
         assert 0 <= log.find("serving model ") < log.find("Joined group"), log[:3000]
+        assert "GIL switch interval 0.5 ms" in log  # PGKD_GIL_SWITCH_INTERVAL_S's default, set at start
