@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 OUTSIDE_LABEL = "__not_in_taxonomy__"  # what outside_taxonomy_rate answers with
 GARBAGE = "I'm sorry, I can't help with that. (simulated non-JSON answer)"
 MAX_BODY_BYTES = 32 * 1024 * 1024  # larger requests get 413
+PROMPTS_REMEMBERED = 4096  # calls_by_prompt keeps the most recent prompts only
 _TOKEN = re.compile(r"\w+")
 
 
@@ -152,7 +154,8 @@ class SimulatorServer:
     """The teacher simulator on a background thread; a context manager.
 
     ``url`` is the OpenAI base URL (``http://127.0.0.1:PORT/v1``); ``stats`` a
-    snapshot of requests by kind and faults injected; ``close()`` stops it.
+    snapshot of requests by kind, faults injected and calls per distinct prompt
+    (``calls_by_prompt``: a client's tries of one request); ``close()`` stops it.
     """
 
     def __init__(
@@ -206,6 +209,9 @@ class SimulatorServer:
             "in_flight": 0,
             "max_in_flight": 0,  # the most chat requests answered at once: checks a client's concurrency
         }
+        # Calls per distinct prompt (a digest of the messages): a client's retries resend the same
+        # messages, so this counts the tries of each request. Bounded: the latest PROMPTS_REMEMBERED.
+        self._calls_by_prompt: OrderedDict[str, int] = OrderedDict()
         try:
             self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
         except OSError as err:
@@ -229,6 +235,8 @@ class SimulatorServer:
         snapshot["requests"] = dict(snapshot["requests"])
         snapshot["faults"] = dict(snapshot["faults"])
         snapshot["pool_left"] = self._index.left()
+        with self._lock:
+            snapshot["calls_by_prompt"] = dict(self._calls_by_prompt)
         return snapshot
 
     def close(self) -> None:
@@ -267,9 +275,13 @@ class SimulatorServer:
                 self._stats["in_flight"] -= 1
 
     def _chat(self, body: Any, authorization: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+        prompt = _prompt_digest(body)
         with self._lock:
             self._stats["chat_requests"] += 1
             nth = self._stats["chat_requests"]
+            self._calls_by_prompt[prompt] = self._calls_by_prompt.pop(prompt, 0) + 1
+            if len(self._calls_by_prompt) > PROMPTS_REMEMBERED:
+                self._calls_by_prompt.popitem(last=False)
             rate_limited = bool(self.rate_limit_every) and nth % self.rate_limit_every == 0
             failed = not rate_limited and self._rng.random() < self.fail_rate
             garbage = self._rng.random() < self.garbage_rate
@@ -357,6 +369,13 @@ class SimulatorServer:
     def models(self) -> dict[str, Any]:
         self._count("requests", "models")
         return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "pgkd-teacher-simulator"}]}
+
+
+def _prompt_digest(body: Any) -> str:
+    """A short digest of a request's messages: the same prompt, whatever else changed."""
+    messages = body.get("messages") if isinstance(body, dict) else body
+    data = json.dumps(messages, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
 def _error(message: str, kind: str) -> dict[str, Any]:

@@ -482,10 +482,11 @@ def _dump_redis(url: str) -> str:
 
 def test_every_teacher_fault_is_retried_a_bounded_number_of_times_then_dead_lettered(stream, tiny_student,
                                                                                      sim_pool):
-    """One request of 8 texts per phase, 2 tries each (PGKD_TEACHER_MAX_RETRIES=1):
+    """8 texts per phase (one request, or more when they reach the teacher in more than
+    one take), 2 tries per request (PGKD_TEACHER_MAX_RETRIES=1):
     the teacher answers 500, 429, labels outside the taxonomy, the prompt's own
     text, or nothing before the timeout. Each ends in the DLQ with its reason
-    after exactly 2 HTTP calls, and the classifier answers as fast as when the
+    after exactly 2 HTTP calls per request, and the classifier answers as fast as when the
     teacher is healthy."""
     per_phase = 8
     phases = [  # (name, simulator faults, dead-letter reason)
@@ -513,7 +514,7 @@ def test_every_teacher_fault_is_retried_a_bounded_number_of_times_then_dead_lett
             for key, value in {"fail_rate": 0.0, "rate_limit_every": 0, "outside_taxonomy_rate": 0.0,
                                "echo_rate": 0.0, "delay_s": 0.0, **faults}.items():
                 setattr(sim, key, value)
-            calls_before = sim.stats["chat_requests"]
+            before = sim.stats
             ids = [f"{name}-{i}" for i in range(per_phase)]
             sent = time.monotonic()
             produce_sync(env.bootstrap, t["texts_in"],
@@ -527,13 +528,19 @@ def test_every_teacher_fault_is_retried_a_bounded_number_of_times_then_dead_lett
                                lambda g, ids=ids: {r["id"] for r in g.of(target)
                                                    if r.get("source", "teacher") == "teacher"} >= set(ids),
                                timeout_s=120, workers=[classify, teacher])
-            calls = sim.stats["chat_requests"] - calls_before
+            after = sim.stats
+            calls = after["chat_requests"] - before["chat_requests"]
+            # The student's answers may reach the teacher in more than one take (a busy machine), so
+            # the phase may make more than one request: count the tries of each one.
+            tries = sorted(n - before["calls_by_prompt"].get(p, 0) for p, n in after["calls_by_prompt"].items()
+                           if n != before["calls_by_prompt"].get(p, 0))
+            assert sum(tries) == calls, (name, tries, calls)
             if reason is not None:
                 letters = [r for r in got.of(t["dlq"]) if r["id"] in set(ids)]
                 assert {r["reason"] for r in letters} == {reason}, letters[:2]
                 assert all(r["stage"] == "teacher" for r in letters)
                 assert all("after 2 tries" in r["error"] for r in letters)
-                assert calls == 2, f"{name}: {calls} HTTP calls for one request with one retry"
+                assert set(tries) == {2}, f"{name}: HTTP calls per request {tries}, with one retry each"
                 answers = collect_sync(env.bootstrap, [t["labels_out"], t["teacher_labels"]], lambda g: True,
                                        timeout_s=30, linger_s=1)
                 # no answer at all, so nothing of the prompt can leak into an output (the dead letter's
@@ -541,11 +548,12 @@ def test_every_teacher_fault_is_retried_a_bounded_number_of_times_then_dead_lett
                 assert not [r for topic in (t["labels_out"], t["teacher_labels"]) for r in answers.of(topic)
                             if r["id"] in set(ids) and r.get("source", "teacher") == "teacher"]
             else:
-                assert calls == 1
-            figures.append((name, round(student_s, 1), calls))
+                assert set(tries) == {1}, f"{name}: HTTP calls per request {tries}"
+            figures.append((name, round(student_s, 1), tries))
     finally:
         sim.close()
-    print("RELIABILITY teacher faults (phase, seconds to the student's answers, HTTP calls):", figures)
+    print("RELIABILITY teacher faults (phase, seconds to the student's answers, HTTP calls per request):",
+          figures)
     baseline = figures[0][1]
     for name, seconds, _ in figures[1:]:
         assert seconds <= max(3 * baseline, baseline + 5), f"{name}: the classifier waited for the teacher"

@@ -14,6 +14,7 @@ from pgkd.data import LabelledTexts
 from pgkd.errors import ConfigError
 from pgkd.mining import Mined
 from pgkd.prompts import build_generation_messages, build_label_messages, label_response_format
+from pgkd import simulator
 from pgkd.simulator import OUTSIDE_LABEL, SimulatorServer, add_simulator_args
 
 POOL = LabelledTexts(
@@ -130,6 +131,20 @@ def test_rate_limit_every_kth_request_with_retry_after():
         assert body["error"]["message"] == "simulated rate limit"
         assert post(sim, msgs)[0] == 200
         assert sim.stats["faults"] == {"http_429": 1} and sim.stats["chat_requests"] == 3
+
+
+def test_calls_are_counted_per_prompt_and_only_the_latest_prompts_are_kept(monkeypatch):
+    monkeypatch.setattr(simulator, "PROMPTS_REMEMBERED", 2)
+    with SimulatorServer(POOL, fail_rate=1.0) as sim:
+        a, b, c = (build_label_messages([text], TAXONOMY) for text in ("one", "two", "three"))
+        for msgs in (a, a, b, a):  # a client retrying a; b once
+            assert post(sim, msgs)[0] == 500
+        counts = sim.stats["calls_by_prompt"]
+        assert sorted(counts.values()) == [1, 3] and sim.stats["chat_requests"] == 4
+        key_a, key_b = (next(k for k, n in counts.items() if n == calls) for calls in (3, 1))
+        post(sim, c)  # the least recently called prompt (b) is forgotten
+        later = sim.stats["calls_by_prompt"]
+        assert len(later) == 2 and later[key_a] == 3 and key_b not in later
 
 
 def test_faults_500_garbage_outside_taxonomy():
