@@ -109,17 +109,75 @@ def test_grafana_datasource_points_at_compose_prometheus():
     assert source["url"] == "http://prometheus:9090"
 
 
-def test_docker_compose_config_accepts_the_file():
+def compose_client() -> str:
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("no `docker compose` client on this machine; the structure is checked above")
+    return docker
+
+
+def test_docker_compose_config_accepts_the_file():
     result = subprocess.run(
-        [docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        [compose_client(), "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
         capture_output=True,
         text=True,
         env={**os.environ, "GF_ADMIN_PASSWORD": "test-only"},
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- least privilege: each secret of .env reaches only the containers that use it -----
+
+TEACHER_KEY = ("PGKD_TEACHER_API_KEY", "PGKD_TEACHER_API_KEY_FILE", "OPENAI_API_KEY")
+CALLS_THE_TEACHER = {"teacher", "curator"}
+WORKERS = {name for name, service in SERVICES.items() if service.get("image", "").startswith("pgkd-stream")}
+
+
+def test_workers_are_found():
+    assert {"classifier", "teacher", "curator", "trainer", "trainer-cpu", "teacher-sim"} <= WORKERS
+
+
+@pytest.mark.parametrize("name", sorted(WORKERS))
+def test_a_worker_gets_the_teacher_key_only_if_it_calls_the_teacher(name):
+    """`environment:` wins over env_file: a blank value hides what .env holds."""
+    service, env = SERVICES[name], environment(SERVICES[name])
+    if not service.get("env_file"):
+        assert name == "teacher-sim" and not env, "the simulator reads nothing of .env"
+        return
+    assert env.get("GF_ADMIN_PASSWORD") == "", f"{name}: Grafana's password would reach it from .env"
+    for variable in TEACHER_KEY:
+        if name in CALLS_THE_TEACHER:
+            assert variable not in env, f"{name} calls the teacher: {variable} must come from .env"
+        else:
+            assert env.get(variable) == "", f"{name} never calls the teacher: blank {variable}"
+
+
+def test_docker_compose_resolves_the_secrets_of_dot_env_only_where_they_are_used(tmp_path):
+    """The real client: a .env with every secret, each service's resolved environment."""
+    import json
+
+    docker = compose_client()
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "deploy", project / "deploy")
+    shutil.copy(ROOT / "docker-compose.yml", project)
+    (project / ".env").write_text("GF_ADMIN_PASSWORD=grafana-secret\nPGKD_TEACHER_API_KEY=sk-teacher-secret\n"
+                                  "OPENAI_API_KEY=sk-openai-secret\nPGKD_TEACHER_BUDGET_USD=3\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GF_", "PGKD_", "OPENAI_"))}
+    result = subprocess.run([docker, "compose", "--profile", "sim", "--profile", "cpu", "config", "--format", "json"],
+                            cwd=project, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert WORKERS <= set(services)
+    for name in WORKERS:
+        resolved = services[name].get("environment") or {}
+        secrets = {k for k, v in resolved.items() if v and "secret" in v}
+        if name in CALLS_THE_TEACHER:
+            assert secrets == {"PGKD_TEACHER_API_KEY", "OPENAI_API_KEY"}, (name, secrets)
+            assert resolved["PGKD_TEACHER_BUDGET_USD"] == "3"  # and the settings of .env
+        else:
+            assert not secrets, (name, secrets)
+    assert services["classifier"]["environment"]["PGKD_TEACHER_BUDGET_USD"] == "3"
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "grafana-secret"
 
 
 # --- the application services (one image, four roles) ---------------------------------
