@@ -102,7 +102,8 @@ class Settings(BaseSettings):
     )
     batch_within_s: float = Field(
         0.01, gt=0, description="max seconds to wait while filling a batch (Faust's take waits this long for a batch "
-        "that is not full: it adds to the latency at low rates, docs/BENCHMARKS.md)"
+        "that is not full). A reader task takes ahead while a batch is handled, so this adds to the latency only "
+        "for a text that arrives while the worker is idle (streams.delivery.read_ahead, docs/BENCHMARKS.md)"
     )
     gil_switch_interval_s: float = Field(
         0.0005, ge=0, le=0.1, description="the classify worker's GIL switch interval (sys.setswitchinterval; 0 = "

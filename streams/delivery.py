@@ -12,6 +12,12 @@ If a batch fails anyway (the producer gave up after its retries, or a bug), the
 process exits without acking it: a restart redelivers the batch. Going on would
 leave a hole below the committed offset that only a restart fills.
 
+Reading ahead (:func:`read_ahead`): a reader task keeps taking from the
+stream while the handler works, so the handler's next batch is everything that
+arrived meanwhile, at once, instead of what arrives in another ``within`` that
+would start only when the handler asks. Up to ``size`` events wait so; none is
+acked before the batch that holds it is handled and stored.
+
 Pipelining (the classifier): a handler may return, instead of None, an
 awaitable that resolves once the broker has acknowledged the batch's records.
 The next batch is then taken and handled while that one completes; batches are
@@ -24,9 +30,10 @@ records are built and stored (a batch that is not full returns once inferred).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,51 @@ async def start_or_exit(start: Callable[[], Awaitable[None]], what: str) -> None
         _exit_now(EXIT_START_FAILED)
 
 
+async def read_ahead(takes: AsyncIterator[Sequence], size: int) -> AsyncIterator[list]:
+    """Batches of at most ``size`` events, in order, from ``takes`` (Faust's
+    ``noack_take(size, within)``), read by a task of their own: while the caller
+    handles a batch the reader goes on taking, and the next batch is whatever
+    gathered meanwhile (up to ``size``; the reader pauses while ``size`` wait).
+    So a batch that is not full means the stream has caught up. An error of
+    ``takes`` is raised here once the batches before it are handed over."""
+    pending: list = []
+    ended: list[BaseException | None] = []  # [None] when takes ended, [error] when it raised
+    changed = asyncio.Condition()
+
+    async def reader() -> None:
+        try:
+            async with contextlib.aclosing(takes):
+                async for events in takes:
+                    async with changed:
+                        pending.extend(events)
+                        changed.notify_all()
+                        await changed.wait_for(lambda: len(pending) < size)
+            ended.append(None)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller below
+            ended.append(exc)
+        finally:
+            if ended:
+                async with changed:
+                    changed.notify_all()
+
+    task = asyncio.ensure_future(reader())
+    try:
+        while True:
+            async with changed:
+                await changed.wait_for(lambda: pending or ended)
+                if not pending:
+                    if ended[0] is not None:
+                        raise ended[0]
+                    return
+                batch, pending[:] = pending[:size], pending[size:]
+                changed.notify_all()
+            yield batch
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def run_batches(
     stream,
     size: int,
@@ -106,25 +158,26 @@ async def run_batches(
             await stream.ack(event)
         return True
 
-    async for events in stream.noack_take(size, within=within_s):
-        try:
-            stored = await handle([incoming(event) for event in events])
-        except Exception:
-            log.critical("%s batch of %d failed; exiting without acknowledging it (a restart redelivers it)",
-                         what, len(events), exc_info=True)
-            if previous is not None:
-                await asyncio.shield(previous)  # the batch before may still be acked: its records are stored
-            leave(EXIT_BATCH_FAILED)
-            return
-        if stored is None and previous is None:
-            if not await complete(events, None, None):
+    async with contextlib.aclosing(read_ahead(stream.noack_take(size, within=within_s), size)) as batches:
+        async for events in batches:
+            try:
+                stored = await handle([incoming(event) for event in events])
+            except Exception:
+                log.critical("%s batch of %d failed; exiting without acknowledging it (a restart redelivers it)",
+                             what, len(events), exc_info=True)
+                if previous is not None:
+                    await asyncio.shield(previous)  # the batch before may still be acked: its records are stored
+                leave(EXIT_BATCH_FAILED)
                 return
-            continue
-        task = asyncio.ensure_future(complete(events, stored, previous))
-        if previous is not None and not await previous:  # at most two batches unacknowledged
-            return
-        previous = task
-        if task.done() and not task.result():
-            return
+            if stored is None and previous is None:
+                if not await complete(events, None, None):
+                    return
+                continue
+            task = asyncio.ensure_future(complete(events, stored, previous))
+            if previous is not None and not await previous:  # at most two batches unacknowledged
+                return
+            previous = task
+            if task.done() and not task.result():
+                return
     if previous is not None:
         await previous

@@ -2,9 +2,12 @@
 (the handler returns after the broker acked its outputs), never when it failed."""
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 
-from streams.delivery import EXIT_BATCH_FAILED, run_batches
+import pytest
+
+from streams.delivery import EXIT_BATCH_FAILED, read_ahead, run_batches
 
 
 class FakeStream:
@@ -124,3 +127,72 @@ def test_the_last_pipelined_batch_is_acked_without_waiting_for_another():
         return list(stream.log)
 
     assert asyncio.run(main()) == ["ack 0", "ack 1"]
+
+
+# --- reading ahead: the next batch is what gathered while the handler worked --------------------
+
+
+async def _takes(batches, pulled=None, error=None):
+    for batch in batches:
+        if pulled is not None:
+            pulled.append(batch)
+        yield batch
+        await asyncio.sleep(0)
+    if error is not None:
+        raise error
+    await asyncio.Event().wait()  # a real stream does not end; the caller closes it
+
+
+def _collect(takes, size, handler_s=0.0, n=None):
+    async def main():
+        out = []
+        async with contextlib.aclosing(read_ahead(takes, size)) as batches:
+            async for batch in batches:
+                out.append(batch)
+                if n is not None and sum(map(len, out)) >= n:
+                    break
+                await asyncio.sleep(handler_s)  # the handler at work
+        return out
+
+    return asyncio.run(main())
+
+
+def test_read_ahead_hands_over_what_gathered_meanwhile_in_order_never_more_than_size():
+    takes = [[0], [1], [2], [3, 4], [5], [6, 7, 8, 9], [10]]
+    out = _collect(_takes(takes), size=4, handler_s=0.05, n=11)
+    assert [e for batch in out for e in batch] == list(range(11))  # every event once, in order
+    assert all(0 < len(batch) <= 4 for batch in out)
+    assert out[0] == [0] and len(out[1]) == 4  # the first alone; the second: all that came while it was handled
+
+
+def test_read_ahead_pauses_the_reader_while_size_events_wait():
+    pulled: list = []
+    endless = ([i] for i in range(10**6))
+    _collect(_takes(endless, pulled), size=3, handler_s=0.05, n=6)
+    assert len(pulled) <= 3 * 2 + 1  # two batches handed over, at most one full batch waiting, one take in hand
+
+
+def test_read_ahead_raises_the_error_of_the_stream_after_the_batches_before_it():
+    out = []
+
+    async def main():
+        async for batch in read_ahead(_takes([[0], [1]], error=RuntimeError("consumer crashed")), 4):
+            out.append(batch)
+
+    with pytest.raises(RuntimeError, match="consumer crashed"):
+        asyncio.run(main())
+    assert [e for batch in out for e in batch] == [0, 1]
+
+
+def test_read_ahead_closes_the_stream_when_the_caller_stops():
+    closed = []
+
+    async def takes():
+        try:
+            yield [0]
+            await asyncio.Event().wait()
+        finally:
+            closed.append(True)  # Faust's take restores the stream's acks here
+
+    _collect(takes(), size=2, n=1)
+    assert closed == [True]
