@@ -232,6 +232,14 @@ def worker_args(p, threads_help: str = "torch threads of the worker") -> None:
     p.add_argument("--redis", help="an existing Redis URL with a free database (default: start one)")
 
 
+def settings_from_args(args) -> dict:
+    """The classify worker's settings from the options of :func:`worker_args`."""
+    return {"inference_quantize": args.quantize, "inference_graph": args.graph, "torch_threads": args.threads,
+            "batch_size": args.batch_size, "inference_batch_size": args.inference_batch_size,
+            "batch_within_s": args.within, "inference_lanes": args.lanes,
+            "gil_switch_interval_s": args.switch_interval}
+
+
 def report(name: str, res: dict, args, load_before: list[float], markdown) -> None:
     """Add the machine, settings and load to ``res``; write bench/out/<name>.json, print
     the tables, and put them into docs/BENCHMARKS.md unless --no-docs."""

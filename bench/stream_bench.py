@@ -54,6 +54,7 @@ from _common import (
     messages,
     probe_model_dir,
     run_with_services,
+    settings_from_args,
     summary,
     worker_args,
 )
@@ -170,10 +171,7 @@ def raw_limit(student: Student, texts: list[str], lanes: int = 1) -> dict:
 async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
     model_dir = Path(args.model) if args.model else probe_model_dir()
     texts = list(banking("test").texts)
-    settings = {"inference_quantize": args.quantize, "inference_graph": args.graph, "torch_threads": args.threads,
-                "batch_size": args.batch_size, "inference_batch_size": args.inference_batch_size, "batch_within_s": args.within,
-                "inference_lanes": args.lanes,
-                "gil_switch_interval_s": args.switch_interval}
+    settings = settings_from_args(args)
     run_id = uuid.uuid4().hex[:8]
     env = StreamEnv.make(bootstrap, redis_url, lambda stem: f"{stem}-bench-{run_id}", workdir, model_dir, **settings)
     topic = env.topics["texts_in"]

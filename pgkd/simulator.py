@@ -232,11 +232,10 @@ class SimulatorServer:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             snapshot = copy.deepcopy(self._stats)
+            snapshot["calls_by_prompt"] = dict(self._calls_by_prompt)
         snapshot["requests"] = dict(snapshot["requests"])
         snapshot["faults"] = dict(snapshot["faults"])
         snapshot["pool_left"] = self._index.left()
-        with self._lock:
-            snapshot["calls_by_prompt"] = dict(self._calls_by_prompt)
         return snapshot
 
     def close(self) -> None:

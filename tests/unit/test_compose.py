@@ -4,6 +4,7 @@ here; `docker compose config` runs too where the compose client exists."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -154,8 +155,6 @@ def test_a_worker_gets_the_teacher_key_only_if_it_calls_the_teacher(name):
 
 def test_docker_compose_resolves_the_secrets_of_dot_env_only_where_they_are_used(tmp_path):
     """The real client: a .env with every secret, each service's resolved environment."""
-    import json
-
     docker = compose_client()
     project = tmp_path / "project"
     shutil.copytree(ROOT / "deploy", project / "deploy")
