@@ -31,7 +31,11 @@ Measured, over the paced traffic only:
   (each id answered once);
 - the swap's own time (load, verify, quantize, trace and warm up a new version,
   or take the one kept in memory: the worker's "swapped ... in N s" log line) and the worker's inference time per
-  batch inside the windows vs outside (its /metrics).
+  batch inside the windows vs outside (its /metrics);
+- where the CPU went (:class:`CpuSampler`, every 0.1 s): the machine's busy cores
+  and the time some task waited for one (PSI), and the worker's event loop,
+  inference thread and other threads, each running and waiting on a run queue,
+  in the quiet traffic, the windows and the loads.
 
     python bench/hotswap_bench.py                  # ~3 min on 2 busy cores
     python bench/hotswap_bench.py --promotions 2 --quiet 5 --no-docs   # a quick look
@@ -43,8 +47,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
+import os
 import re
+import threading
 import time
 import uuid
 from collections import Counter
@@ -107,6 +114,98 @@ def publish_versions(registry: Registry, model_dir: Path, noise: float, new: int
         versions.append(registry.publish(student, parent=versions[0], round=seed + 1, data={}, metrics={},
                                          settings={"bench": f"hotswap new {seed}"}, graphs=graphs))
     return versions
+
+
+class CpuSampler:
+    """Where the CPU went, sampled every ``period`` s on a thread of its own: the
+    machine's busy and stolen time (/proc/stat), how long some task waited for a
+    CPU (/proc/pressure/cpu), and for each thread of the worker its time running
+    and waiting on a run queue (/proc/PID/task/TID/schedstat). Linux only; an
+    unreadable source is left out. :meth:`between` integrates any span."""
+
+    def __init__(self, pid: int, period: float = 0.1):
+        self.pid, self.period, self.samples = pid, period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def start(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.samples.append(self.sample())
+
+    def sample(self) -> dict:
+        out = {"t": time.time()}
+        with contextlib.suppress(OSError, ValueError):
+            ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+            hz = os.sysconf("SC_CLK_TCK")
+            out["busy_s"] = (sum(ticks) - ticks[3] - ticks[4] - ticks[7]) / hz  # all but idle, iowait, steal
+            out["steal_s"] = ticks[7] / hz
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            some = Path("/proc/pressure/cpu").read_text().split("\n", 1)[0]
+            out["cpu_wait_s"] = int(some.rsplit("total=", 1)[1]) / 1e6  # some task waited for a CPU
+        threads = {}
+        for task in Path(f"/proc/{self.pid}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                run_ns, wait_ns, _ = (int(x) for x in (task / "schedstat").read_text().split())
+                threads[int(task.name)] = (run_ns / 1e9, wait_ns / 1e9)
+        out["threads"] = threads
+        return out
+
+    def between(self, t0: float, t1: float) -> dict:
+        """Per second of [t0, t1] (the samples nearest its ends): cores busy and
+        stolen, seconds some task waited for a CPU, and per worker thread its
+        running and run-queue seconds."""
+        inside = [s for s in self.samples if t0 <= s["t"] <= t1]
+        if len(inside) < 2:
+            return {}
+        a, b = inside[0], inside[-1]
+        span = b["t"] - a["t"]
+        rate = {k: (b[k] - a[k]) / span for k in ("busy_s", "steal_s", "cpu_wait_s") if k in a and k in b}
+        rate["threads"] = {tid: ((run - a["threads"][tid][0]) / span, (wait - a["threads"][tid][1]) / span)
+                           for tid, (run, wait) in b["threads"].items() if tid in a["threads"]}
+        return rate
+
+
+def cpu_accounting(sampler: CpuSampler, pid: int, promotions: list[dict], start: float, margin: float) -> dict:
+    """Where the CPU went (:class:`CpuSampler`, per second) in each promotion's
+    window, in the worker's load inside it (its "loading" to "swapped" log lines),
+    and in the quiet traffic between windows; the worker's threads as its event
+    loop (the main thread), its inference thread (the busiest other thread while
+    quiet) and the rest (the model load thread, the metrics server, ...)."""
+    windows = [(p["t0"], p["t0"] + p["first_answer_stamp_s"] + margin) for p in promotions]
+    quiet_spans = [(a + 1.0, b - 1.0) for a, b in zip([start] + [w1 for _, w1 in windows], [w0 for w0, _ in windows])]
+    quiet = [sampler.between(*span) for span in quiet_spans]
+    busiest = Counter()
+    for q in quiet:
+        for tid, (run, _) in q.get("threads", {}).items():
+            if tid != pid:
+                busiest[tid] += run
+    inference = busiest.most_common(1)[0][0] if busiest else None
+
+    def named(rate: dict) -> dict:
+        if not rate:
+            return {}
+        threads = rate.pop("threads")
+        rest = [v for tid, v in threads.items() if tid not in (pid, inference)]
+        return rate | {"event_loop": threads.get(pid), "inference": threads.get(inference),
+                       "other_threads": (sum(r for r, _ in rest), sum(w for _, w in rest))}
+
+    loads = []
+    for p in promotions:
+        log_s = p.get("worker_log_s", {})
+        loads.append(named(sampler.between(p["t0"] + log_s["loading"], p["t0"] + log_s["swapped"]))
+                     if "loading" in log_s and "swapped" in log_s else {})
+    return {"per_second": "cores (busy_s, steal_s), seconds some task waited for a CPU (cpu_wait_s), "
+                          "threads: (running s, run-queue s) per second",
+            "windows": [named(sampler.between(*w)) for w in windows], "loads": loads,
+            "quiet": [named(q) for q in quiet]}
 
 
 def inference_counters(worker) -> tuple[float, float]:
@@ -202,8 +301,10 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
     # thread of its own: this process's event loop runs the traffic and must not wait for it
     operator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="operator",
                                   initializer=lower_thread_priority, initargs=(ADMIN_NICE,))
+    sampler = None
     try:
         await loop.run_in_executor(None, worker.wait_ready, 300)
+        sampler = CpuSampler(worker.proc.pid).start()
         await producer.start()
         await outputs.start()
         print("worker ready; warming up", flush=True)
@@ -259,6 +360,8 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         metrics = worker.metrics()
     finally:
         gc.enable()
+        if sampler is not None:
+            sampler.stop()
         await outputs.stop()
         await producer.stop()
         env.stop_all()
@@ -289,6 +392,8 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         until = promotions[i + 1]["t0"] if i + 1 < len(promotions) else float("inf")
         stale += sum(1 for _, stamp, out in paced if first_new < stamp < until and out["model_version"] != p["version"])
 
+    cpu = cpu_accounting(sampler, worker.proc.pid, promotions, traffic_start, args.margin)
+
     def ms(pair: tuple[float, float]) -> float:  # mean inference ms per batch
         return 1000 * pair[0] / max(pair[1], 1)
 
@@ -301,6 +406,7 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         "gaps_by_input": by_input,
         "inference_ms_per_batch": {"in_windows": [ms(p["window_inference"]) for p in promotions],
                                    "quiet": [ms(q) for q in quiet_counters]},
+        "cpu": cpu,
         "dead_letters": sum(v for k, v in metrics.items() if k.startswith("pgkd_dlq_total")),
         "load_failures": sum(v for k, v in metrics.items() if k.startswith("pgkd_model_load_failures_total")),
     }
@@ -380,6 +486,7 @@ def markdown(res: dict) -> str:
         *([f"| traffic (inputs' produce timestamps): normal p99 / max, longest in a window | "
            f"{1000 * inp['p99_outside']:.0f} / {1000 * inp['max_outside']:.0f}, "
            f"{1000 * max(inp['longest_in_window']):.0f} | |"] if inp else []),
+        *cpu_table(res.get("cpu"), res["promotions"]),
         "",
         (f"Answers: {res['sent']} sent, {res['answered']} answered by the student, **{res['lost']} lost, "
          f"{res['duplicated']} duplicated**; answers of the old version after the first of the new: "
@@ -389,6 +496,34 @@ def markdown(res: dict) -> str:
          + f"; inference per batch outside the windows {fmt(quiet_ms)} ms."),
     ]
     return "\n".join(lines)
+
+
+def cpu_table(cpu: dict | None, promotions: list[dict]) -> list[str]:
+    """Markdown rows: where the CPU went in the quiet traffic, in the windows of
+    new versions and of rollbacks, and in the new versions' loads (medians of the
+    per-second rates of :func:`cpu_accounting`)."""
+    if not cpu:
+        return []
+    spans = {"quiet traffic": cpu["quiet"],
+             "windows of new versions": [w for w, p in zip(cpu["windows"], promotions) if p["kind"] == "new"],
+             "their loads (loading -> swapped)": [x for x, p in zip(cpu["loads"], promotions) if p["kind"] == "new"],
+             "windows of rollbacks": [w for w, p in zip(cpu["windows"], promotions) if p["kind"] == "rollback"]}
+
+    def med(rows: list[dict], key: str, i: int | None = None) -> str:
+        values = [r[key] if i is None else r[key][i] for r in rows if r.get(key) is not None]
+        return f"{float(np.median(values)):.2f}" if values else "-"
+
+    lines = ["", "Where the CPU went, per second (medians; cores for the machine, seconds for the threads: running / "
+                 "waiting for a CPU, from /proc schedstat):", "",
+             "| span | machine busy | some task waiting (PSI) | event loop | inference thread | other worker threads |",
+             "|---|---|---|---|---|---|"]
+    for name, rows in spans.items():
+        rows = [r for r in rows if r]
+        if rows:
+            lines.append(f"| {name} ({len(rows)}) | {med(rows, 'busy_s')} | {med(rows, 'cpu_wait_s')} | "
+                         + " | ".join(f"{med(rows, k, 0)} / {med(rows, k, 1)}"
+                                      for k in ("event_loop", "inference", "other_threads")) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
