@@ -26,8 +26,9 @@ class App(faust.App):
     """The ``faust.App`` of every worker, with three changes:
 
     - its consumer uses :mod:`streams.transport` (without it, records fetched
-      during a rebalance at start-up were skipped, and every rebalance
-      redelivered what was acked since the last commit);
+      during a rebalance at start-up were skipped, every rebalance
+      redelivered what was acked since the last commit, and a trickle of
+      records was fetched one or two at a time);
     - :meth:`before_consuming`: start-up work (a model load, clients) runs
       before the worker joins its consumer group. A worker that joined first
       held its partitions unanswered for as long as the load took (seconds to
@@ -37,6 +38,8 @@ class App(faust.App):
       ``pgkd_assigned_partitions``): a group that keeps rebalancing (a crash loop,
       a worker too busy to heartbeat) answers late and repeats work.
     """
+
+    fetch_wait_s = 0.0  # PGKD_KAFKA_FETCH_WAIT_S (build_app): streams.transport.gather_fetches
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -126,6 +129,7 @@ def build_app(settings: Settings, role: str, **conf: object) -> App:
         producer_max_request_size=2 * 1024 * 1024,
         **conf,
     )
+    app.fetch_wait_s = settings.kafka_fetch_wait_s  # read by streams.transport when the consumer is built
     return app
 
 

@@ -127,3 +127,35 @@ def test_manual_commit_resume_loses_and_repeats_nothing(kafka_bootstrap, kafka_t
     for key in partitions_of_key:
         ids = [i for i, k, _, _ in sorted(everything, key=lambda m: m[3]) if k == key]
         assert ids == sorted(ids)
+
+
+def test_a_gathered_fetch_still_delivers_a_lone_record_after_the_wait(kafka_bootstrap, kafka_topic, unique_topic):
+    # PGKD_KAFKA_FETCH_WAIT_S (streams.transport.gather_fetches): the broker holds a fetch until 64 KiB
+    # gathered or the wait passed; one small record must still arrive, about the wait later, not never
+    from streams.transport import FETCH_MIN_BYTES, gather_fetches
+
+    topic = kafka_topic("trickle", partitions=1)
+
+    async def run() -> tuple[float, list]:
+        c = gather_fetches(consumer(kafka_bootstrap, topic, unique_topic("group")), 0.05)
+        await c.start()
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            assert (c._fetcher._fetch_min_bytes, c._fetcher._fetch_max_wait_ms) == (FETCH_MIN_BYTES, 50)
+            while not c.assignment():
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # the fetcher is waiting on the empty partition
+            sent = asyncio.get_running_loop().time()
+            await producer.send_and_wait(topic, b'{"i": 1}', key=b"k")
+            async with asyncio.timeout(10):
+                record = await c.getone()
+            return asyncio.get_running_loop().time() - sent, [record.value]
+        finally:
+            await producer.stop()
+            await c.stop()
+
+    waited, values = asyncio.run(run())
+    assert values == [{"i": 1}]
+    # Faust's own wait is 1.5 s: a minimum of 64 KiB with that wait would hold this record ~1.5 s
+    assert waited < 1.0, f"a lone record took {waited:.2f}s with a 50 ms fetch wait"
