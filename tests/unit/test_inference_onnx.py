@@ -21,6 +21,7 @@ from pgkd.inference_onnx import (
     add_graph,
     build_onnx,
     export_forward,
+    halve_embedding_tables,
     load_graph,
     optimize_offline,
     quantize_onnx,
@@ -99,6 +100,29 @@ def test_the_built_graph_is_stored_with_its_fusions_applied(student, tmp_path, q
     with torch.inference_mode():
         eager = student.model(**student.encode(TEXTS)).logits.numpy()
     assert np.abs(logits - eager).max() < (0.5 if quantize == "int8" else 1e-4)
+
+
+def test_the_word_embeddings_are_stored_in_fp16_and_give_the_same_logits(student, tmp_path):
+    # what the int8 build does to MiniLM's 30522 x 384 table (EMBEDDING_MIN_ELEMENTS), on the tiny
+    # model's smaller one; the fp32 graph keeps its fp32 tables (it stays exact)
+    target = tmp_path / "model.onnx"
+    names = build_onnx(student.model, student.encode, "fp32", target, threads=1)
+    words = student.model.config.vocab_size * student.model.config.hidden_size
+    size = target.stat().st_size
+    assert halve_embedding_tables(target, min_elements=words + 1) == []  # nothing that big: untouched
+    assert target.stat().st_size == size
+
+    halved = halve_embedding_tables(target, min_elements=words)
+    assert len(halved) == 1 and "word_embeddings" in halved[0]  # not the positions nor the token types
+    graph = onnx.load(str(target)).graph
+    tables = {i.name: i.data_type for i in graph.initializer if "embeddings" in i.name}
+    assert tables[halved[0] + "_fp16"] == onnx.TensorProto.FLOAT16 and halved[0] not in tables
+    assert all(t == onnx.TensorProto.FLOAT for name, t in tables.items() if "word_embeddings" not in name)
+    assert target.stat().st_size < size - words  # 2 bytes a value saved
+    served = load_graph(tmp_path, {"file": "model.onnx", "inputs": list(names)}, threads=1)
+    with torch.inference_mode():
+        eager = student.model(**student.encode(TEXTS)).logits.numpy()
+    np.testing.assert_allclose(served(student.encode(TEXTS)).numpy(), eager, atol=1e-3)
 
 
 def test_a_graph_onnx_runtime_cannot_optimize_is_refused_and_removed(tmp_path):
