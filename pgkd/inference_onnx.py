@@ -247,7 +247,10 @@ def halve_embedding_tables(path: Path, min_elements: int = EMBEDDING_MIN_ELEMENT
         if (init.data_type != TensorProto.FLOAT or np.prod(init.dims) < min_elements or init.name in graph_outputs
                 or not nodes or any(n.op_type != "Gather" or list(n.input).index(init.name) != 0 for n in nodes)):
             continue
-        table = numpy_helper.to_array(init).astype(np.float16)
+        values = numpy_helper.to_array(init)
+        if np.abs(values).max() > np.finfo(np.float16).max:
+            continue  # fp16 cannot hold it
+        table = values.astype(np.float16)
         graph.initializer.remove(init)
         graph.initializer.append(numpy_helper.from_array(table, init.name + "_fp16"))
         for gather in nodes:

@@ -125,6 +125,24 @@ def test_the_word_embeddings_are_stored_in_fp16_and_give_the_same_logits(student
     np.testing.assert_allclose(served(student.encode(TEXTS)).numpy(), eager, atol=1e-3)
 
 
+def test_a_table_fp16_cannot_hold_stays_fp32(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    big = np.full((4, 4), 1e5, dtype=np.float32)  # beyond fp16's 65504
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [None, 4])],
+        [numpy_helper.from_array(big, "table")])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert halve_embedding_tables(path, min_elements=1) == []
+    big[:] = 1.0  # the same table within fp16's range
+    onnx.save(helper.make_model(helper.make_graph(
+        graph.node, "g", graph.input, graph.output, [numpy_helper.from_array(big, "table")])), str(path))
+    assert halve_embedding_tables(path, min_elements=1) == ["table"]
+
+
 def test_a_graph_onnx_runtime_cannot_optimize_is_refused_and_removed(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not a graph")
