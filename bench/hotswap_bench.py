@@ -173,7 +173,7 @@ class CpuSampler:
         return rate
 
 
-def cpu_accounting(sampler: CpuSampler, pid: int, promotions: list[dict], start: float, margin: float) -> dict:
+def cpu_accounting(sampler: CpuSampler, promotions: list[dict], start: float, margin: float) -> dict:
     """Where the CPU went (:class:`CpuSampler`, per second) in each promotion's
     window, in the worker's load inside it (its "loading" to "swapped" log lines),
     and in the quiet traffic between windows; the worker's threads as its event
@@ -182,6 +182,7 @@ def cpu_accounting(sampler: CpuSampler, pid: int, promotions: list[dict], start:
     windows = [(p["t0"], p["t0"] + p["first_answer_stamp_s"] + margin) for p in promotions]
     quiet_spans = [(a + 1.0, b - 1.0) for a, b in zip([start] + [w1 for _, w1 in windows], [w0 for w0, _ in windows])]
     quiet = [sampler.between(*span) for span in quiet_spans]
+    pid = sampler.pid
     busiest = Counter()
     for q in quiet:
         for tid, (run, _) in q.get("threads", {}).items():
@@ -192,9 +193,9 @@ def cpu_accounting(sampler: CpuSampler, pid: int, promotions: list[dict], start:
     def named(rate: dict) -> dict:
         if not rate:
             return {}
-        threads = rate.pop("threads")
+        threads = rate["threads"]
         rest = [v for tid, v in threads.items() if tid not in (pid, inference)]
-        return rate | {"event_loop": threads.get(pid), "inference": threads.get(inference),
+        return {k: v for k, v in rate.items() if k != "threads"} | {"event_loop": threads.get(pid), "inference": threads.get(inference),
                        "other_threads": (sum(r for r, _ in rest), sum(w for _, w in rest))}
 
     loads = []
@@ -392,7 +393,7 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         until = promotions[i + 1]["t0"] if i + 1 < len(promotions) else float("inf")
         stale += sum(1 for _, stamp, out in paced if first_new < stamp < until and out["model_version"] != p["version"])
 
-    cpu = cpu_accounting(sampler, worker.proc.pid, promotions, traffic_start, args.margin)
+    cpu = cpu_accounting(sampler, promotions, traffic_start, args.margin)
 
     def ms(pair: tuple[float, float]) -> float:  # mean inference ms per batch
         return 1000 * pair[0] / max(pair[1], 1)

@@ -80,7 +80,7 @@ def gather_fetches(consumer: AIOKafkaConsumer, wait_s: float) -> AIOKafkaConsume
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> AIOKafkaConsumer:
-        return gather_fetches(super()._create_worker_consumer(transport), getattr(self.app, "fetch_wait_s", 0.0))
+        return gather_fetches(super()._create_worker_consumer(transport), self.app.fetch_wait_s)
 
     async def seek_to_committed(self) -> Mapping[TopicPartition, int | None]:
         reset = self.app.conf.consumer_auto_offset_reset
