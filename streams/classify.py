@@ -29,7 +29,7 @@ from pgkd.serving import ServingModel, load_serving_model, serve_path
 from pgkd.settings import Settings, load_settings
 from streams import metrics
 from streams.app import Topics, build_app, declare_topics
-from streams.delivery import Incoming, run_batches, send, start_or_exit
+from streams.delivery import Incoming, queue, run_batches, start_or_exit
 from streams.drift_metrics import DriftWatch
 from streams.hotswap import ModelWatcher
 from streams.schemas import DeadLetter, LabelOut, TeacherRequest
@@ -124,18 +124,17 @@ class Classifier:
         assert model is not None, "start() loads the model before the first batch"
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.TEXTS_TOTAL.inc(len(batch))
-        sends: list[Awaitable] = []
+        rejected: list[DeadLetter] = []
         valid: list[tuple[Incoming, TextIn]] = []
         for msg in batch:
             parsed = parse_input(msg.value, self.settings.max_text_chars, self.settings.max_id_chars)
             if isinstance(parsed, Rejected):
-                letter = self._dead_letter(msg, "parse", parsed.reason, parsed.detail, parsed.id)
-                sends.append(send(self.topics.dlq, letter.key(), letter.dumps()))
+                rejected.append(self._dead_letter(msg, "parse", parsed.reason, parsed.detail, parsed.id))
             else:
                 valid.append((msg, parsed))
         inferred = asyncio.ensure_future(self._predict(model, [item.text for _, item in valid])) if valid else None
         before, self._queued = self._queued, asyncio.get_running_loop().create_future()
-        done = asyncio.ensure_future(self._complete(valid, inferred, sends, model, before, self._queued))
+        done = asyncio.ensure_future(self._complete(rejected, valid, inferred, model, before, self._queued))
         if inferred is not None and len(batch) < self.settings.batch_size:
             # Not a full take: the stream has caught up. The next take starts once this batch
             # is inferred, so it gathers every message that arrived meanwhile into one batch,
@@ -144,31 +143,33 @@ class Classifier:
             await asyncio.wait({inferred})
         return done
 
-    async def _complete(self, valid: list[tuple[Incoming, TextIn]], inferred: asyncio.Future | None,
-                        sends: list[Awaitable], model: ServingModel, before: asyncio.Future | None,
+    async def _complete(self, rejected: list[DeadLetter], valid: list[tuple[Incoming, TextIn]],
+                        inferred: asyncio.Future | None, model: ServingModel, before: asyncio.Future | None,
                         queued: asyncio.Future) -> None:
-        """Wait for the batch's probabilities, queue its records (after the batch
-        before queued its own), then wait until the broker stored them all."""
+        """Wait for the batch's probabilities, queue its records in the producer
+        (after the batch before queued its own), then wait until the broker stored them all."""
         try:
             results = await inferred if inferred is not None else []
             if before is not None:
                 await asyncio.shield(before)
-            answered = self._records(valid, results, model, sends)
-            stored = asyncio.gather(*sends)  # each send is a task from here on, queued in this order
+            acks = [await queue(self.topics.dlq, letter.key(), letter.dumps()) for letter in rejected]
+            answered = await self._records(valid, results, model, acks)
+            stored = asyncio.gather(*acks)
         finally:
             queued.set_result(None)  # also on failure: the next batch must not wait forever (it is never acked)
         await self._stored(stored, answered, model)
 
-    def _records(self, valid: list[tuple[Incoming, TextIn]], results: list[np.ndarray | Exception],
-                 model: ServingModel, sends: list[Awaitable]) -> list[tuple[str, float, float]]:
-        """Queue the batch's labels.out / teacher.requests / dead-letter records on
-        ``sends``; returns (label, confidence, input ts) of every answer (drift, latency)."""
+    async def _records(self, valid: list[tuple[Incoming, TextIn]], results: list[np.ndarray | Exception],
+                       model: ServingModel, acks: list[Awaitable]) -> list[tuple[str, float, float]]:
+        """Queue the batch's labels.out / teacher.requests / dead-letter records in
+        the producer, their acknowledgements on ``acks``; returns (label, confidence,
+        input ts) of every answer (drift, latency)."""
         answered: list[tuple[str, float, float]] = []
         for (msg, item), probs in zip(valid, results, strict=True):
             if isinstance(probs, Exception):
                 error = f"{type(probs).__name__}: {probs}"
                 letter = self._dead_letter(msg, "inference", "inference_error", error, item.id)
-                sends.append(send(self.topics.dlq, letter.key(), letter.dumps()))
+                acks.append(await queue(self.topics.dlq, letter.key(), letter.dumps()))
                 continue
             answer = route(probs, model.labels, self.routing)
             out = LabelOut(
@@ -176,7 +177,7 @@ class Classifier:
                 top_k=[list(pair) for pair in answer.top_k], model_version=model.version, source="student",
                 needs_review=answer.needs_review, ts=msg.ts, extra=item.extra,
             )
-            sends.append(send(self.topics.labels_out, item.id, out.dumps()))
+            acks.append(await queue(self.topics.labels_out, item.id, out.dumps()))
             metrics.TEXTS_CLASSIFIED.labels(answer.label, model.version).inc()
             metrics.CONFIDENCE.observe(answer.confidence)
             answered.append((answer.label, answer.confidence, msg.ts))
@@ -187,7 +188,7 @@ class Classifier:
                     student_confidence=answer.confidence, top_k=out.top_k, model_version=model.version,
                     ts=msg.ts, extra=item.extra,
                 )
-                sends.append(send(self.topics.teacher_requests, item.id, request.dumps()))
+                acks.append(await queue(self.topics.teacher_requests, item.id, request.dumps()))
         return answered
 
     async def _stored(self, stored: Awaitable, answered: list[tuple[str, float, float]],

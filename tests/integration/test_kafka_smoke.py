@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -159,3 +160,41 @@ def test_a_gathered_fetch_still_delivers_a_lone_record_after_the_wait(kafka_boot
     assert values == [{"i": 1}]
     # Faust's own wait is 1.5 s: a minimum of 64 KiB with that wait would hold this record ~1.5 s
     assert waited < 1.0, f"a lone record took {waited:.2f}s with a 50 ms fetch wait"
+
+
+def test_queued_records_arrive_as_queued_and_a_refused_one_raises_at_once(
+    kafka_bootstrap, kafka_topic, unique_topic, tmp_path
+):
+    # streams.delivery.queue: the workers' send path (the App's producer, not Faust's Topic.send)
+    from faust.exceptions import ProducerSendError
+
+    from pgkd.settings import Settings
+    from streams.app import build_app, declare_topics
+    from streams.delivery import queue, send
+
+    topic = kafka_topic("labels", partitions=4)
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, app_id_prefix=f"queue-{uuid.uuid4().hex[:8]}",
+                        faust_datadir=tmp_path / "faust", topic_labels_out=topic)
+    n, keys = 300, 7
+
+    async def run() -> tuple[list, list]:
+        app = build_app(settings, "queue")
+        labels_out = declare_topics(app, settings).labels_out
+        await app.producer.start()
+        try:
+            acks = [await queue(labels_out, f"id-{i % keys}", json.dumps({"i": i}).encode()) for i in range(n)]
+            with pytest.raises(ProducerSendError, match="MessageSizeTooLarge"):  # over the 2 MB request limit
+                await queue(labels_out, "too-big", b"x" * (3 * 1024 * 1024))
+            stored = await asyncio.gather(*acks)
+            stored.append(await send(labels_out, "last", json.dumps({"i": n}).encode()))
+        finally:
+            await app.producer.stop()
+        return stored, await drain(kafka_bootstrap, topic, unique_topic("group"))
+
+    stored, seen = asyncio.run(run())
+    assert all(meta.topic == topic for meta in stored)  # acknowledged by the broker: RecordMetadata
+    assert sorted(i for i, *_ in seen) == list(range(n + 1)), "lost or repeated records"
+    assert {key for _, key, *_ in seen} == {f"id-{k}" for k in range(keys)} | {"last"}  # the raw key, no Faust framing
+    for k in range(keys):  # one key, one partition, in the order queued
+        ids = [i for i, key, _, _ in sorted(seen, key=lambda m: m[3]) if key == f"id-{k}"]
+        assert ids == sorted(ids) and len({p for _, key, p, _ in seen if key == f"id-{k}"}) == 1

@@ -81,15 +81,19 @@ async def _until(condition, timeout_s: float = 10.0) -> None:
 
 
 def _record_sends(monkeypatch) -> list[str]:
-    """Replace the classifier's send() by one that records the keys; returns that list."""
+    """Replace the classifier's queue() by one that records the keys (each record
+    acknowledged at once); returns that list."""
     import streams.classify
 
     sent: list[str] = []
 
-    async def send(topic, key, value):
+    async def queue(topic, key, value):
         sent.append(key)
+        acked = asyncio.get_running_loop().create_future()
+        acked.set_result(None)
+        return acked
 
-    monkeypatch.setattr(streams.classify, "send", send)
+    monkeypatch.setattr(streams.classify, "queue", queue)
     return sent
 
 
