@@ -222,7 +222,7 @@ def worker_args(p, threads_help: str = "torch threads of the worker") -> None:
     p.add_argument("--graph", default="onnxruntime", choices=("eager", "torchscript", "onnxruntime"),
                    help="PGKD_INFERENCE_GRAPH (default: the compose deployment's)")
     p.add_argument("--threads", type=int, default=1, help=threads_help)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="PGKD_BATCH_SIZE")
     p.add_argument("--inference-batch-size", type=int, default=16, help="PGKD_INFERENCE_BATCH_SIZE")
     p.add_argument("--lanes", type=int, default=1, choices=(1, 2), help="PGKD_INFERENCE_LANES")
     p.add_argument("--within", type=float, default=0.01, help="PGKD_BATCH_WITHIN_S")

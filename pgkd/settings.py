@@ -87,7 +87,8 @@ class Settings(BaseSettings):
     # --- classifier agent -----------------------------------------------------
     batch_size: int = Field(
         128, ge=1, description="messages per classifier batch (stream.take n); a bigger batch sorts by length "
-        "better (64: 13% more CPU per text than 128 under a backlog, docs/BENCHMARKS.md)"
+        "better (64: 13% more CPU per text than 128 under a backlog; 256 sustained no more than 128 in the worker, "
+        "and a full batch's first answer waits for its whole inference; docs/BENCHMARKS.md)"
     )
     inference_lanes: int = Field(
         1, ge=1, le=2, description="batches inferred at once, each on its own thread with PGKD_TORCH_THREADS torch "
