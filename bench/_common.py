@@ -116,14 +116,15 @@ def write_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
 
 @contextlib.contextmanager
 def services(workdir: Path, bootstrap: str | None = None, redis_url: str | None = None,
-             kafka: bool = True) -> Iterator[tuple[str | None, str]]:
+             kafka: bool = True, redis: bool = True) -> Iterator[tuple[str | None, str | None]]:
     """(bootstrap, redis_url): the given ones, else a Kafka (when ``kafka``) and a
-    Redis started here on free loopback ports, stopped on exit (also on Ctrl-C)."""
+    Redis (when ``redis``) started here on free loopback ports, stopped on exit
+    (also on Ctrl-C); None for a service not wanted."""
     from streaming_support import LocalService
 
     with contextlib.ExitStack() as stack:
-        for script, given in (("kafka", bootstrap if kafka else "-"), ("redis", redis_url)):
-            if given:
+        for script, wanted, given in (("kafka", kafka, bootstrap), ("redis", redis, redis_url)):
+            if given or not wanted:
                 continue
             service = LocalService(script, workdir / script)
             stack.callback(service.stop)
@@ -252,7 +253,7 @@ def report(name: str, res: dict, args, load_before: list[float], markdown) -> No
         write_section(f"{name}_bench.py", text)
 
 
-def run_with_services(name: str, args, run, markdown, kafka: bool = True) -> int:
+def run_with_services(name: str, args, run, markdown, kafka: bool = True, redis: bool = True) -> int:
     """A bench's one command: services (``services``) in a temporary directory,
     ``run(args, bootstrap, redis_url, workdir) -> results``, then :func:`report`."""
     import shutil
@@ -261,7 +262,8 @@ def run_with_services(name: str, args, run, markdown, kafka: bool = True) -> int
     load_before = load()
     workdir = Path(tempfile.mkdtemp(prefix=f"pgkd-{name}-bench-"))
     try:
-        with services(workdir, getattr(args, "bootstrap", None), args.redis, kafka=kafka) as (bootstrap, redis_url):
+        with services(workdir, getattr(args, "bootstrap", None), getattr(args, "redis", None),
+                      kafka=kafka, redis=redis) as (bootstrap, redis_url):
             res = run(args, bootstrap, redis_url, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

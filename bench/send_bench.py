@@ -110,12 +110,11 @@ def main() -> int:
     p.add_argument("--bootstrap", help="an existing Kafka (default: start one)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
     args = p.parse_args()
-    args.redis = "-"  # no Redis: services() starts none for a given URL
 
     def run(args, bootstrap, redis_url, workdir: Path) -> dict:
         return asyncio.run(measure(args, bootstrap))
 
-    return run_with_services("send", args, run, markdown)
+    return run_with_services("send", args, run, markdown, redis=False)
 
 
 if __name__ == "__main__":
