@@ -1,5 +1,5 @@
 """The Kafka transport of every worker's App (streams.app.App): Faust's aiokafka
-transport with two fixes.
+transport with three fixes.
 
 1. Records fetched during a rebalance at start-up were skipped.
 
@@ -31,6 +31,21 @@ the acks from before it started.
 A rolling restart of two classifiers answered 200 and 293 texts twice without it
 (tests/integration/test_faults.py, the rolling-restart test).
 
+3. A group whose leader's metadata lacked a subscribed topic at an assignment
+served none of that topic's partitions for up to 5 minutes. The leader assigns
+only the partitions its metadata knows, and aiokafka looks again only at its
+periodic refresh (``metadata_max_age_ms``; aiokafka#486). A topic created a
+moment before is not always in a broker's metadata yet: a fresh client missed 1
+in 40 topics right after their CreateTopics answer on an idle broker. Workers
+create their topics at start-up and join at once, so a fresh deployment could
+start with every ``texts.in`` partition unassigned. CI met it: two classifiers
+answered nothing for 180 s, one of them with an empty assignment.
+
+The fix: after an assignment, a worker whose metadata lacks a subscribed topic
+refreshes it (0.5 s, then backing off to 5 s) until the topic is known; the
+leader's refresh shows aiokafka a changed topic and the group rebalances with
+its partitions.
+
 And one setting Faust does not expose: how long the broker may hold a fetch to
 gather records (``PGKD_KAFKA_FETCH_WAIT_S``, :func:`gather_fetches`). Faust's
 consumer asks for at least 1 byte, so under a steady trickle each fetch returned
@@ -40,6 +55,7 @@ one or two records, and the consumer thread spent a fifth of a core on fetches a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 
@@ -78,6 +94,53 @@ def gather_fetches(consumer: AIOKafkaConsumer, wait_s: float) -> AIOKafkaConsume
     return consumer
 
 
+def unknown_subscribed_topics(consumer: AIOKafkaConsumer) -> set[str]:
+    """The topics ``consumer`` subscribes to that its metadata has no partitions of."""
+    cluster = consumer._client.cluster
+    return {topic for topic in consumer.subscription() if not cluster.partitions_for_topic(topic)}
+
+
+async def refresh_until_topics_known(consumer: AIOKafkaConsumer, missing: set[str], first_wait_s: float = 0.5,
+                                     max_wait_s: float = 5.0) -> None:
+    """Refresh ``consumer``'s metadata, which lacked the subscribed topics
+    ``missing``, until it knows every subscribed topic (fix 3): the group
+    leader's refresh makes aiokafka rebalance with the new partitions. Returns
+    once they are known or the consumer is closed."""
+    log.warning("subscribed topics %s are not in this consumer's metadata: refreshing it until they are",
+                sorted(missing))
+    wait_s = first_wait_s
+    while missing and not consumer._closed:
+        await asyncio.sleep(wait_s)
+        wait_s = min(2 * wait_s, max_wait_s)
+        try:
+            await asyncio.wait_for(consumer._client.force_metadata_update(), timeout=max_wait_s)
+        except asyncio.TimeoutError:
+            continue
+        missing = unknown_subscribed_topics(consumer)
+    if not missing:
+        log.info("every subscribed topic is in this consumer's metadata now")
+
+
+def watch_subscribed_topics(consumer: AIOKafkaConsumer, watch: asyncio.Task | None) -> asyncio.Task | None:
+    """Called at every assignment, on the loop ``consumer`` runs on: a task of
+    :func:`refresh_until_topics_known` when a subscribed topic is unknown and
+    ``watch`` (the task started before, if any) is not still at it."""
+    if watch is not None and not watch.done():
+        return watch
+    missing = unknown_subscribed_topics(consumer)
+    return asyncio.ensure_future(refresh_until_topics_known(consumer, missing)) if missing else None
+
+
+class _RebalanceListener(faust_aiokafka.ConsumerRebalanceListener):
+    def __init__(self, thread: faust_aiokafka.AIOKafkaConsumerThread) -> None:
+        super().__init__(thread)
+        self.watch: asyncio.Task | None = None
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        self.watch = watch_subscribed_topics(self._thread._ensure_consumer(), self.watch)
+        await super().on_partitions_assigned(assigned)
+
+
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> AIOKafkaConsumer:
         return gather_fetches(super()._create_worker_consumer(transport), self.app.fetch_wait_s)
@@ -86,8 +149,16 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         reset = self.app.conf.consumer_auto_offset_reset
         return await self.call_thread(seek_to_committed_or_reset, self._ensure_consumer(), reset)
 
+    async def on_thread_stop(self) -> None:
+        watch = self._rebalance_listener.watch
+        if watch is not None:
+            watch.cancel()
+        await super().on_thread_stop()
+
 
 class _Consumer(faust_aiokafka.Consumer):
+    RebalanceListener = _RebalanceListener
+
     def _new_consumer_thread(self) -> _ConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
@@ -108,6 +179,6 @@ class _Consumer(faust_aiokafka.Consumer):
 
 
 class Transport(faust_aiokafka.Transport):
-    """``kafka://`` with :class:`_Consumer` (both fixes)."""
+    """``kafka://`` with :class:`_Consumer` (all three fixes)."""
 
     Consumer = _Consumer
