@@ -11,6 +11,8 @@ fp16 word embeddings, offline optimization), and run on one thread:
 - served: the graph a version stores; a take is sorted by token count and cut
   into passes by ``pgkd.passes.plan_passes`` (at most 16 texts a pass), each
   padded to its longest text (``GraphStudent.predict_proba``);
+- served before: the same, exported through transformers' forward as every
+  model was until session 18 (``export_module`` now takes BERT's own modules);
 - packed graph, a text a row: the packed graph fed those same passes (its own
   mask, positions and [CLS] gather; nothing packed);
 - packed N: texts placed first-fit-decreasing into rows of N tokens (--widths),
@@ -24,7 +26,7 @@ The fp32 packed graph is checked against the eager model (max |logit diff|),
 every contender is scored on the whole Banking77 test split, then random takes
 of test texts of each size are run by every contender, each take in a turned
 order. Timed: this thread's CPU time in the sessions' runs (the feeds are built
-beforehand), per text, and per take the served graph's over the contender's.
+beforehand), per text, and per take the graph served before's over the contender's.
 
     python bench/packing_bench.py             # ~4 min on 2 cores (builds both graphs once, cached in bench/out)
     python bench/packing_bench.py --widths 64 --no-docs
@@ -47,6 +49,7 @@ from _common import OUT, banking, load, machine, machine_line, probe_model_dir, 
 SIZES = (1, 2, 3, 4, 6, 8, 16, 32, 128)
 ROWS_PER_PASS = 16  # PGKD_INFERENCE_BATCH_SIZE: the planner's texts per pass, the packer's rows per pass
 SERVED = "served"
+BEFORE = "served before (transformers' forward)"
 ROWS = "packed graph, a text a row"
 INPUTS = ("input_ids", "token_type_ids", "position_ids", "segment_ids", "cls_index")
 
@@ -111,16 +114,21 @@ def pack(encodings: list, width: int, pass_tokens: int = ROWS_PER_PASS * 64) -> 
 
 
 def build(model_dir: Path, work: Path) -> tuple[dict[str, Path], float]:
-    """The int8 graphs (cached in ``work``): the served one and the packed one;
-    and the fp32 packed graph's largest |logit| difference from the eager model."""
+    """The int8 graphs (cached in ``work``): the served one, the one served
+    before session 18 and the packed one; and the fp32 packed graph's largest
+    |logit| difference from the eager model."""
     import torch
+
+    import pgkd.inference_onnx as inference_onnx
+    from pgkd.inference_opt import _Logits
 
     from pgkd.graph_student import GraphTokenizer
     from pgkd.inference_onnx import OPSET, _layer_count, build_onnx, halve_embedding_tables, optimize_offline, quantize_onnx, session
     from pgkd.student import Student
 
     work.mkdir(parents=True, exist_ok=True)
-    graphs = {"served": work / "served.int8.onnx", "packed": work / "packed.int8.onnx"}
+    graphs = {"served": work / "served.int8.onnx", "before": work / "before.int8.onnx",
+              "packed": work / "packed.int8.onnx"}
     report = work / "packed.check.json"
     if all(path.exists() for path in graphs.values()) and report.exists():
         return graphs, json.loads(report.read_text())["fp32_max_diff"]
@@ -128,6 +136,13 @@ def build(model_dir: Path, work: Path) -> tuple[dict[str, Path], float]:
     student = Student.load(model_dir, device="cpu")
     student.model.eval()
     build_onnx(student.model, student.encode, "int8", graphs["served"], 1)
+    # the export before session 18: every model through transformers' forward
+    own = inference_onnx.export_module
+    inference_onnx.export_module = _Logits
+    try:
+        build_onnx(student.model, student.encode, "int8", graphs["before"], 1)
+    finally:
+        inference_onnx.export_module = own
     packed = graphs["packed"]
     tokenizer = GraphTokenizer(model_dir, student.max_length)
     texts = banking("test").texts
@@ -200,7 +215,8 @@ def run(args) -> dict:
         return passes
 
     # contender: (graph, the passes of a take)
-    contenders = {SERVED: ("served", padded_passes), ROWS: ("packed", rows_passes)} | {
+    contenders = {BEFORE: ("before", padded_passes), SERVED: ("served", padded_passes),
+                  ROWS: ("packed", rows_passes)} | {
         f"packed {w}": ("packed", lambda e, w=w: pack(e, w, args.pass_tokens)) for w in args.widths}
 
     def answer(name: str, passes: list) -> np.ndarray:
@@ -241,8 +257,8 @@ def run(args) -> dict:
         timings[str(size)] = {name: {
             "ms_per_text": 1e3 * sum(v) / (len(v) * size),
             "passes_per_take": statistics.fmean(len(take[name]) for take in takes),
-            # per take: the served graph's CPU time over this contender's (above 1: this one is cheaper)
-            "paired": summary([a / b for a, b in zip(cpu[SERVED], v)]),
+            # per take: the graph served before's CPU time over this contender's (above 1: cheaper)
+            "paired": summary([a / b for a, b in zip(cpu[BEFORE], v)]),
             "takes": len(v)} for name, v in cpu.items()}
         print(f"takes of {size}: " + ", ".join(f"{name} {t['ms_per_text']:.2f} ms/text ({t['paired']['median']:.3f}x)"
                                                for name, t in timings[str(size)].items()), flush=True)
@@ -253,7 +269,7 @@ def run(args) -> dict:
 
 def markdown(res: dict) -> str:
     widths = res["widths"]
-    names = [SERVED, ROWS] + [f"packed {w}" for w in widths]
+    names = [BEFORE, SERVED, ROWS] + [f"packed {w}" for w in widths]
     lines = [
         machine_line(res, "one thread, in this process"),
         f"The probe student (MiniLM-L6, trained head), int8 ONNX Runtime, one thread; at most "
@@ -264,21 +280,23 @@ def markdown(res: dict) -> str:
         "",
         "The graph's CPU milliseconds per text (this thread's CPU time in the session's runs; the feeds are built "
         "beforehand), over random takes of test texts, each take run by every contender in a turned order; and, "
-        "per take, the served graph's CPU time over the contender's: median (min-max), above 1 when the contender "
-        "is cheaper. *served*: the graph a version stores, the planner's padded passes. *packed graph, a text a "
-        "row*: the packed graph fed those same passes (its own mask and positions, nothing packed). "
-        "*packed N*: rows of N tokens. Passes per take in brackets.",
+        "per take, the CPU time of the graph served before over the contender's: median (min-max), above 1 when "
+        "the contender is cheaper. *served before*: the export through transformers' forward (until session 18), "
+        "the planner's padded passes. *served*: the export through BERT's own modules with one mask over token "
+        "pairs a pass (`pgkd.inference_onnx.export_module`), the same passes. *packed graph, a text a row*: the "
+        "packed graph fed those same passes (nothing packed). *packed N*: rows of N tokens. Passes per take in "
+        "brackets.",
         "",
         "| texts a take | takes | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
     ]
     for size, t in res["timings"].items():
-        cells = [f"{t[SERVED]['ms_per_text']:.2f} [{t[SERVED]['passes_per_take']:.1f}]"]
+        cells = [f"{t[BEFORE]['ms_per_text']:.2f} [{t[BEFORE]['passes_per_take']:.1f}]"]
         for name in names[1:]:
             paired = t[name]["paired"]
             cells.append(f"{t[name]['ms_per_text']:.2f} [{t[name]['passes_per_take']:.1f}]; "
                          f"{paired['median']:.3f}x ({paired['min']:.2f}-{paired['max']:.2f})")
-        lines.append(f"| {size} | {t[SERVED]['takes']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {size} | {t[BEFORE]['takes']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from pgkd.inference_onnx import (
     add_graph,
     build_onnx,
     export_forward,
+    export_module,
     halve_embedding_tables,
     load_graph,
     optimize_offline,
@@ -64,6 +65,34 @@ def test_the_export_leaves_the_model_in_eval_mode(student):
     with torch.inference_mode():
         eager = torch.softmax(student.model(**student.encode(TEXTS)).logits, -1).numpy()
     np.testing.assert_allclose(eager, before, atol=1e-6)
+
+
+def test_a_bert_classifier_is_exported_through_its_own_modules_with_one_mask_a_pass(student, tmp_path):
+    # the mask over token pairs is built once; transformers' forward exports torch's fused
+    # attention with a NaN guard in every layer (IsNaN), which the BERT module does without
+    names = tuple(student.encode(TEXTS).keys())
+    module = export_module(student.model, names).eval()
+    assert type(module).__name__ == "BertLogits"
+    encoding = student.encode(TEXTS)  # padded: the mask matters
+    with torch.inference_mode():
+        got = module(*(encoding[n] for n in names))
+        want = student.model(**encoding).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    target = tmp_path / "model.onnx"
+    build_onnx(student.model, student.encode, "fp32", target, threads=1)
+    assert "IsNaN" not in {n.op_type for n in onnx.load(str(target)).graph.node}
+
+
+def test_other_models_and_inputs_are_exported_through_transformers_forward(student):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from pgkd.inference_opt import _Logits
+
+    distil = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=100, dim=16, n_layers=1, n_heads=2, hidden_dim=32, num_labels=3)).eval()
+    assert isinstance(export_module(distil, ("input_ids", "attention_mask")), _Logits)
+    # a BERT fed inputs it has no own path for (here: without its attention mask)
+    assert isinstance(export_module(student.model, ("input_ids",)), _Logits)
 
 
 def test_int8_quantizes_the_weight_matmuls_of_every_layer_but_the_last(student, tmp_path):
