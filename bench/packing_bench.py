@@ -172,8 +172,8 @@ def build(model_dir: Path, work: Path) -> tuple[dict[str, Path], float]:
 
 
 def run(args) -> dict:
-    from pgkd.graph_student import GraphTokenizer, softmax
-    from pgkd.inference_onnx import session
+    from pgkd.graph_student import GraphStudent, GraphTokenizer, softmax
+    from pgkd.inference_onnx import OnnxForward, session
     from pgkd.passes import plan_passes, read_labels
 
     model_dir = probe_model_dir()
@@ -182,26 +182,16 @@ def run(args) -> dict:
     graphs, fp32_diff = build(model_dir, OUT / "packing")
     tokenizer = GraphTokenizer(model_dir, max_length)
     sessions = {name: session(str(path), 1) for name, path in graphs.items()}
-    served_inputs = [i.name for i in sessions["served"].get_inputs()]
-    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+    # its _feeds pad a pass as the served student does (both padded graphs take the same inputs)
+    served = GraphStudent(OnnxForward(sessions["served"], [i.name for i in sessions["served"].get_inputs()]),
+                          tokenizer, labels, max_length, "int8")
 
     def padded_passes(encodings: list) -> list[tuple]:
         """The planner's passes as GraphStudent.predict_proba feeds them."""
         lengths = np.array([len(e.ids) for e in encodings])
         order = np.argsort(lengths, kind="stable")
-        passes = []
-        for start, end in plan_passes(lengths[order].tolist(), ROWS_PER_PASS):
-            idx = order[start:end]
-            width = int(lengths[idx].max())
-            feeds = {}
-            for name in served_inputs:
-                array = np.full((len(idx), width), tokenizer.pad_id if name == "input_ids" else 0, np.int64)
-                for row, i in enumerate(idx):
-                    values = getattr(encodings[i], fields[name])
-                    array[row, : len(values)] = values
-                feeds[name] = array
-            passes.append((idx, feeds))
-        return passes
+        return [(order[start:end], served._feeds([encodings[i] for i in order[start:end]]))
+                for start, end in plan_passes(lengths[order].tolist(), ROWS_PER_PASS)]
 
     def rows_passes(encodings: list) -> list[tuple]:
         """The same passes for the packed graph, a text a row."""
