@@ -16,9 +16,15 @@ Redis holds what must change atomically and be shared by every worker:
 ``{ns}:registry:rounds``       every retrain round record, oldest first (JSON list)
 ``{ns}:registry:round_seq``    INCR: round numbers
 ``{ns}:registry:claim:<id>``   SET NX: one trainer runs a retrain request
+``{ns}:registry:hashed:<v>``   the version's files as last hashed and found
+                               matching (sha256 and stat), for promote/rollback
 
 Nothing here is loaded or promoted without first checking every file against
-its checksum (:class:`ModelIntegrityError` names the file). Only files inside
+its checksum (:class:`ModelIntegrityError` names the file). A load hashes what
+it reads, every time. A promotion or rollback hashes a file again only when its
+stat (device, inode, size, mtime, ctime) differs from when it was last hashed
+and matched, at publish or at an earlier check (:func:`stamp`): moving the
+pointer then costs stat calls, not ~155 MB of sha256 on the cores that serve. Only files inside
 the version directory are ever read: a name in the manifest is hashed only when
 it is one of the directory's own regular files, and a symbolic link or a pickle
 file in the directory refuses the whole version.
@@ -38,7 +44,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, MutableMapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +67,13 @@ VERSION_RE = re.compile(r"^v(\d{4,})\Z")  # \Z: "$" would also match before a fi
 OUTCOMES = ("promoted", "rejected", "failed")
 STACK_DEPTH = 1000  # how many promotions back a rollback can go
 _CHUNK = 1 << 20
+# A stamp is recorded only when the file's last change is this much older than the stat
+# that took it ("racy" otherwise: a write in the same tick of the file system's clock
+# after the stat would leave the same stamp). Most Linux file systems stamp to the
+# jiffy (<= 10 ms); ones that stamp to the second (ext3, FAT, some NFS) get 2 s.
+RACY_S = 0.05
+RACY_WHOLE_SECONDS_S = 2.0
+HASHED_TTL_S = 30 * 24 * 3600  # {ns}:registry:hashed:<v> expires unused after 30 days (a full hash then)
 GRAPH_DIR = "onnx"  # a version's prebuilt ONNX Runtime graphs (graph_file)
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")  # the torch weights (one file or shards + index)
 
@@ -160,6 +173,45 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def stamp(path: Path) -> str | None:
+    """The file's stat as a string (device, inode, size, mtime and ctime in ns),
+    taken *before* it is hashed; None when its last change is too recent to
+    trust (:data:`RACY_S`). Any write to the file after this call changes its
+    ctime (user space cannot set it), so an unchanged stamp means unchanged
+    contents. None where the stat fails (the hash then fails too)."""
+    now = time.time_ns()
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if racy(st.st_mtime_ns, st.st_ctime_ns, now):
+        return None
+    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+def racy(mtime_ns: int, ctime_ns: int, now_ns: int) -> bool:
+    """Whether a file last changed at these times may change again without its
+    stat showing it (:data:`RACY_S`; :data:`RACY_WHOLE_SECONDS_S` where the
+    file system stamps whole seconds).
+
+    >>> racy(10_020_000_000, 10_020_000_000, 10_050_000_000)  # 30 ms before the stat
+    True
+    >>> racy(10_020_000_000, 10_020_000_000, 10_080_000_000)  # 60 ms before
+    False
+    >>> racy(10_000_000_000, 10_000_000_000, 11_000_000_000)  # whole seconds: 1 s is not enough
+    True
+    """
+    whole_seconds = mtime_ns % 1_000_000_000 == 0 and ctime_ns % 1_000_000_000 == 0
+    margin_ns = int(1e9 * (RACY_WHOLE_SECONDS_S if whole_seconds else RACY_S))
+    return max(mtime_ns, ctime_ns) > now_ns - margin_ns
+
+
+def hash_and_stamp(path: Path) -> tuple[str, str | None]:
+    """``(sha256, stamp)`` of a file, the stamp taken before the hash (:func:`stamp`)."""
+    before = stamp(path)
+    return sha256_file(path), before
 
 
 def version_number(version: str) -> int:
@@ -276,7 +328,8 @@ class Registry:
         try:
             write(tmp)
             built = _add_graphs(tmp, graphs)
-            files = {name: sha256_file(tmp / name) for name in _files(tmp) if name != MANIFEST_FILE}
+            hashes = {name: hash_and_stamp(tmp / name) for name in _files(tmp) if name != MANIFEST_FILE}
+            files = {name: sha for name, (sha, _) in hashes.items()}
             for name in files:
                 _fsync_file(tmp / name)
             while True:
@@ -306,6 +359,11 @@ class Registry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # renaming the directory leaves its files' stat as it was: their stamps hold in the version
+        try:
+            self._remember_hashed(version, {name: f"{sha} {at}" for name, (sha, at) in hashes.items() if at})
+        except RegistryError as err:  # published all the same; its first promotion hashes every file
+            log.warning("published %s without a record of its hashed files: %s", version, err)
         log.info("published %s (parent %s, round %d) in %s", version, parent, round, self.store)
         return version
 
@@ -333,6 +391,28 @@ class Registry:
         (:func:`verify_dir`; ``unread`` as there)."""
         return verify_dir(self.path(version), version, unread=unread)
 
+    def verify_unchanged(self, version: str) -> dict:
+        """:meth:`verify` for a move of the pointer (promote, rollback), which
+        reads no file: a file is hashed again only when its stat changed since
+        it was last hashed and matched (``{ns}:registry:hashed:<version>``,
+        :func:`verify_dir`'s ``hashed``). Every worker still hashes the files it
+        loads."""
+        path = self.path(version)
+        with self._redis_errors():
+            hashed = self._redis.hgetall(self._key(f"hashed:{version}"))
+        before = dict(hashed)
+        manifest = verify_dir(path, version, hashed=hashed)
+        self._remember_hashed(version, {k: v for k, v in hashed.items() if before.get(k) != v})
+        return manifest
+
+    def _remember_hashed(self, version: str, entries: dict[str, str]) -> None:
+        """Record files hashed and found matching (name -> "<sha256> <stamp>")."""
+        if not entries:
+            return
+        key = self._key(f"hashed:{version}")
+        with self._redis_errors():
+            self._redis.pipeline().hset(key, mapping=entries).expire(key, HASHED_TTL_S).execute()
+
     def load(self, version: str, device=None) -> Student:
         """The verified version as a :class:`Student` (checksums first, then weights)."""
         from pgkd.student import Student
@@ -356,7 +436,7 @@ class Registry:
 
         The pointer, the rollback stack and the history change in one MULTI/EXEC
         (retried if another promotion races this one)."""
-        self.verify(version)  # a tampered or partial version never becomes current
+        self.verify_unchanged(version)  # a tampered or partial version never becomes current
 
         def change(pipe: redis.client.Pipeline) -> dict:
             previous = pipe.get(self._key("current"))
@@ -392,8 +472,8 @@ class Registry:
                     raise RegistryError("nothing to roll back to: no version has been promoted")
                 raise RegistryError(f"nothing to roll back to: {current} is the first promoted version")
             target = stack[-1]
-            if target not in verified:  # WATCH retries re-run this; hash each version once
-                self.verify(target)
+            if target not in verified:  # WATCH retries re-run this; verify each version once
+                self.verify_unchanged(target)
                 verified.add(target)
             entry = _entry("rollback", target, current, reason, None)
             pipe.multi()
@@ -559,7 +639,8 @@ def verified_labels(directory: Path, version: str | None) -> list[str]:
     return list(json.loads(path.read_text(encoding="utf-8"))["labels"])
 
 
-def verify_dir(directory: Path, version: str | None, *, unread: Collection[str] = frozenset()) -> dict:
+def verify_dir(directory: Path, version: str | None, *, unread: Collection[str] = frozenset(),
+               hashed: MutableMapping[str, str] | None = None) -> dict:
     """The manifest of the version directory ``directory`` (:func:`read_manifest`),
     once every file matches its sha256 and no file is missing or extra; otherwise
     ModelIntegrityError naming the first bad file.
@@ -567,7 +648,13 @@ def verify_dir(directory: Path, version: str | None, *, unread: Collection[str] 
     ``unread``: files the caller will not open (:func:`unread_by_graph`). They
     must still be present and listed, and be neither links nor pickles, but
     are not hashed: a worker serving a stored graph then reads ~64 MB at a
-    swap instead of ~155 (MiniLM int8)."""
+    swap instead of ~155 (MiniLM int8).
+
+    ``hashed``: files hashed before, name -> ``"<sha256> <stamp>"``
+    (:func:`stamp`). A file whose entry has the manifest's sha256 and the
+    file's current stamp is not hashed again; a file hashed now that matches
+    is entered (when its stamp can be trusted). Only for callers that do not
+    read the files (promote, rollback): a reader hashes what it reads."""
     path = directory
     manifest = read_manifest(path, version)
     shown = version or _shown(manifest["version"])  # a copy: the version its manifest names
@@ -596,12 +683,20 @@ def verify_dir(directory: Path, version: str | None, *, unread: Collection[str] 
     for name, expected in sorted(listed.items()):
         if name in unread:
             continue
-        found = sha256_file(path / name)
+        if hashed is None:
+            found, now = sha256_file(path / name), None
+        else:
+            now = stamp(path / name)
+            if now is not None and hashed.get(name) == f"{expected} {now}":
+                continue  # unchanged since it was hashed and matched
+            found = sha256_file(path / name)
         if found != expected:
             raise ModelIntegrityError(
                 f"{shown} refused: {_shown(name)} does not match its sha256 "
                 f"(manifest {_shown(str(expected)[:12])}..., file {found[:12]}...) in {path}"
             )
+        if hashed is not None and now is not None:
+            hashed[name] = f"{expected} {now}"
     return manifest
 
 

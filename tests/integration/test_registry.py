@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -260,6 +261,40 @@ def test_a_rollback_to_a_tampered_version_is_refused(registry, student, store):
     with pytest.raises(ModelIntegrityError, match=r"^v0001 refused: labels\.json is missing"):
         registry.rollback()
     assert registry.current() == v2 and len(registry.history()) == 2
+
+
+def test_a_pointer_move_hashes_only_the_files_changed_since_they_last_matched(registry, student, store, monkeypatch):
+    version = publish(registry, student)
+    time.sleep(3 * registry_module.RACY_S)  # past the file system's clock tick: every stamp can be trusted
+    files = sorted(registry.manifest(version)["files"])
+    hashed: list[str] = []
+    real = registry_module.sha256_file
+    monkeypatch.setattr(registry_module, "sha256_file",
+                        lambda p: hashed.append(p.relative_to(store / version).as_posix()) or real(p))
+    registry.verify_unchanged(version)  # what publish could not stamp (written just before it hashed them)
+    assert set(hashed) <= set(files)
+    hashed.clear()
+
+    registry.promote(version, reason="seed")
+    assert hashed == []  # nothing changed since: stat calls, no sha256
+    registry.verify(version)
+    assert sorted(hashed) == files  # a reader's verify hashes every file, every time
+    hashed.clear()
+
+    labels = store / version / "labels.json"
+    labels.write_bytes(labels.read_bytes())  # the same bytes, but written: its ctime moved
+    time.sleep(3 * registry_module.RACY_S)
+    registry.verify_unchanged(version)
+    assert hashed == ["labels.json"]
+    hashed.clear()
+    registry.verify_unchanged(version)
+    assert hashed == []  # matched again, and recorded
+
+    flip_byte(store / version / "model.safetensors")  # same size, other bytes: the stamp moved, so hashed
+    with pytest.raises(ModelIntegrityError, match=r"^v0001 refused: model\.safetensors does not match"):
+        registry.promote(version, reason="again")
+    with pytest.raises(ModelIntegrityError, match=r"^v0001 refused: model\.safetensors does not match"):
+        registry.verify_unchanged(version)  # a refusal is never recorded
 
 
 def test_concurrent_promotions_each_record_the_previous_they_replaced(registry, student, store, redis_db_url):
@@ -706,7 +741,9 @@ def test_redis_keys_live_under_the_namespace(registry, student, redis_db_url):
     registry.next_round()
     client = redis.Redis.from_url(redis_db_url, decode_responses=True)
     try:
-        assert sorted(client.keys("*")) == ["t:registry:current", "t:registry:history", "t:registry:round_seq",
-                                            "t:registry:stack", "t:registry:version_seq"]
+        # the files hashed at publish or at the promotion: recorded unless written too recently to trust
+        assert set(client.keys("*")) - {"t:registry:hashed:v0001"} == {
+            "t:registry:current", "t:registry:history", "t:registry:round_seq", "t:registry:stack",
+            "t:registry:version_seq"}
     finally:
         client.close()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,43 @@ def test_a_manifest_that_lists_its_files_with_another_hash_is_refused(saved, tmp
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelIntegrityError, match=r"^v0001 refused: model\.safetensors does not match its sha256"):
         offline_registry(store).load("v0001", device="cpu")
+
+
+def test_a_file_is_trusted_without_its_hash_only_while_its_stat_is_the_one_recorded(saved, tmp_path, monkeypatch):
+    """verify_dir's ``hashed`` record (what promote and rollback pass): unchanged
+    files are not read; a changed stat, or a record of another sha256, is hashed."""
+    now_ns = time.time_ns  # the clock, before the test moves it
+    path = publish_by_hand(tmp_path / "store", saved)
+    listed = json.loads((path / "manifest.json").read_text())["files"]
+    st = (path / "model.safetensors").stat()
+    latest = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in path.iterdir())
+    monkeypatch.setattr(registry_module.time, "time_ns", lambda: latest + 10_000_000)  # 10 ms later: racy
+    assert registry_module.stamp(path / "model.safetensors") is None
+    monkeypatch.setattr(registry_module.time, "time_ns", lambda: latest + 10**9)
+    assert registry_module.stamp(path / "model.safetensors") == (
+        f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}")
+
+    hashed: list[str] = []
+    real = registry_module.sha256_file
+    monkeypatch.setattr(registry_module, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    record: dict[str, str] = {}
+    registry_module.verify_dir(path, "v0001", hashed=record)
+    assert sorted(hashed) == sorted(listed) and sorted(record) == sorted(listed)  # all hashed, all recorded
+    hashed.clear()
+    registry_module.verify_dir(path, "v0001", hashed=record)
+    assert hashed == []
+
+    # a record that names another sha256 than the manifest's (either was changed): hashed again
+    record["labels.json"] = "0" * 64 + record["labels.json"][64:]
+    registry_module.verify_dir(path, "v0001", hashed=record)
+    assert hashed == ["labels.json"] and record["labels.json"].startswith(listed["labels.json"])
+    hashed.clear()
+
+    flip_byte(path / "model.safetensors")  # same size; the write moved its ctime
+    monkeypatch.setattr(registry_module.time, "time_ns", lambda: now_ns() + 10**9)
+    with pytest.raises(ModelIntegrityError, match=r"^v0001 refused: model\.safetensors does not match"):
+        registry_module.verify_dir(path, "v0001", hashed=record)
+    assert hashed == ["model.safetensors"]
 
 
 # --- the source never loads pickles nor trusts remote code ---------------------------------
