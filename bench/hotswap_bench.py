@@ -482,7 +482,9 @@ def markdown(res: dict) -> str:
           for kind, x in by_kind.items()),
         *([f"| control: the same windows {CONTROL_SHIFT_S:.0f} s earlier, no swap: longest gap per window, ms "
            f"(Kafka ts) | {', '.join(f'{1000 * x:.0f}' for x in st['longest_in_control'])} | |",
-           f"| control: longest / normal p99 | {max(st['longest_in_control']) / st['p99_outside']:.2f}x | |"]
+           f"| control: longest / normal p99 | {max(st['longest_in_control']) / st['p99_outside']:.2f}x | |",
+           # the same statistic on the same number of gaps: what a promotion adds to a window's longest gap
+           f"| longest during / longest in the control windows | {worst_st / max(st['longest_in_control']):.2f}x | |"]
           if "longest_in_control" in st else []),
         *([f"| traffic (inputs' produce timestamps): normal p99 / max, longest in a window | "
            f"{1000 * inp['p99_outside']:.0f} / {1000 * inp['max_outside']:.0f}, "
