@@ -21,13 +21,14 @@ Redis holds what must change atomically and be shared by every worker:
 
 Nothing here is loaded or promoted without first checking every file against
 its checksum (:class:`ModelIntegrityError` names the file). A load hashes what
-it reads, every time. A promotion or rollback hashes a file again only when its
-stat (device, inode, size, mtime, ctime) differs from when it was last hashed
-and matched, at publish or at an earlier check (:func:`stamp`): moving the
-pointer then costs stat calls, not ~155 MB of sha256 on the cores that serve. Only files inside
-the version directory are ever read: a name in the manifest is hashed only when
-it is one of the directory's own regular files, and a symbolic link or a pickle
-file in the directory refuses the whole version.
+it reads, every time. A promotion or rollback hashes a file again only when
+its stat (device, inode, size, mtime, ctime) differs from when it was last
+hashed and matched, at publish or at an earlier check (:func:`stamp`): moving
+the pointer then costs stat calls, not ~155 MB of sha256 on the cores that
+serve. Only files inside the version directory are ever read: a name in the
+manifest is hashed only when it is one of the directory's own regular files,
+and a symbolic link or a pickle file in the directory refuses the whole
+version.
 """
 
 from __future__ import annotations
