@@ -399,11 +399,20 @@ class Registry:
         :func:`verify_dir`'s ``hashed``). Every worker still hashes the files it
         loads."""
         path = self.path(version)
-        with self._redis_errors():
-            hashed = self._redis.hgetall(self._key(f"hashed:{version}"))
+        try:
+            with self._redis_errors():
+                hashed = self._redis.hgetall(self._key(f"hashed:{version}"))
+        except RegistryUnavailable:
+            raise  # the pointer cannot move either: say so now, before hashing ~155 MB
+        except RegistryError as err:  # e.g. WRONGTYPE: a record is an optimisation, never a refusal
+            log.warning("%s: no record of %s's hashed files (%s); hashing every file", self.redis_url, version, err)
+            hashed = {}
         before = dict(hashed)
         manifest = verify_dir(path, version, hashed=hashed)
-        self._remember_hashed(version, {k: v for k, v in hashed.items() if before.get(k) != v})
+        try:
+            self._remember_hashed(version, {k: v for k, v in hashed.items() if before.get(k) != v})
+        except RegistryError as err:  # verified all the same
+            log.warning("could not record %s's hashed files: %s", version, err)
         return manifest
 
     def _remember_hashed(self, version: str, entries: dict[str, str]) -> None:

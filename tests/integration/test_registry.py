@@ -297,6 +297,21 @@ def test_a_pointer_move_hashes_only_the_files_changed_since_they_last_matched(re
         registry.verify_unchanged(version)  # a refusal is never recorded
 
 
+def test_a_record_of_hashed_files_that_cannot_be_read_means_a_full_hash_not_a_refusal(registry, student, redis_db_url,
+                                                                                       caplog):
+    version = publish(registry, student)
+    time.sleep(3 * registry_module.RACY_S)  # stamps that can be trusted: the promote tries to record them
+    client = redis.Redis.from_url(redis_db_url, decode_responses=True)
+    try:
+        client.delete(f"{NS}:registry:hashed:{version}")
+        client.set(f"{NS}:registry:hashed:{version}", "not a hash")  # WRONGTYPE for HGETALL and HSET
+        entry = registry.promote(version, reason="seed")
+    finally:
+        client.close()
+    assert entry["version"] == version and registry.current() == version
+    assert "no record of v0001's hashed files" in caplog.text and "could not record v0001's hashed files" in caplog.text
+
+
 def test_concurrent_promotions_each_record_the_previous_they_replaced(registry, student, store, redis_db_url):
     versions = [publish(registry, student) for _ in range(4)]
     barrier = threading.Barrier(4)
