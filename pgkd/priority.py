@@ -19,11 +19,13 @@ import threading
 log = logging.getLogger(__name__)
 
 # Added to the nice value of `pgkd models promote`, `rollback`, `show` and `import`.
-# A promotion hashes every file of the version (~155 MB for MiniLM with its int8
-# graph) and starts a Kafka producer: ~0.3 s of a core. On a 2-core host that
-# serves, at equal priority that took CPU from the classifier worker's event loop
-# and stalled its answers for up to ~0.4 s (docs/BENCHMARKS.md, hot swap); at
-# +10 it runs on what the workers leave, a little later.
+# `show` and `import` hash every file of a version (~155 MB for MiniLM with its
+# int8 graph: ~0.3 s of a core), and so did every promotion until it learnt to
+# skip the files unchanged since they last matched (Registry.verify_unchanged);
+# a promotion still starts a Kafka producer. On a 2-core host that serves, at
+# equal priority the hashing took CPU from the classifier worker's event loop and
+# stalled its answers for up to ~0.4 s (docs/BENCHMARKS.md, hot swap); at +10 it
+# runs on what the workers leave, a little later.
 ADMIN_NICE = 10
 
 
