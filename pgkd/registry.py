@@ -693,19 +693,16 @@ def verify_dir(directory: Path, version: str | None, *, unread: Collection[str] 
     for name, expected in sorted(listed.items()):
         if name in unread:
             continue
-        if hashed is None:
-            found, now = sha256_file(path / name), None
-        else:
-            now = stamp(path / name)
-            if now is not None and hashed.get(name) == f"{expected} {now}":
-                continue  # unchanged since it was hashed and matched
-            found = sha256_file(path / name)
+        now = stamp(path / name) if hashed is not None else None
+        if now is not None and hashed.get(name) == f"{expected} {now}":
+            continue  # unchanged since it was hashed and matched
+        found = sha256_file(path / name)
         if found != expected:
             raise ModelIntegrityError(
                 f"{shown} refused: {_shown(name)} does not match its sha256 "
                 f"(manifest {_shown(str(expected)[:12])}..., file {found[:12]}...) in {path}"
             )
-        if hashed is not None and now is not None:
+        if now is not None:
             hashed[name] = f"{expected} {now}"
     return manifest
 
