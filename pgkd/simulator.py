@@ -202,7 +202,7 @@ class SimulatorServer:
         self._lock = threading.Lock()
         self._stats: dict[str, Any] = {
             "chat_requests": 0,  # every POST to chat/completions, faulted ones included
-            "requests": Counter(),  # by kind: label, generate, invalid, unauthorized, models, health
+            "requests": Counter(),  # by kind: label, generate, invalid, unauthorized, models, health, client_gone
             "faults": Counter(),  # http_500, http_429, garbage, echo, outside_taxonomy, delayed, format_rejected
             "texts_labelled": 0,
             "samples_served": 0,
@@ -422,8 +422,14 @@ def _handler_for(sim: SimulatorServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(data)))
             for name, value in headers.items():
                 self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                # the client gave up first (its timeout, a cancelled task): what a real endpoint sees
+                # too. Counted, not a traceback on stderr; the connection cannot be reused.
+                self.close_connection = True
+                sim._count("requests", "client_gone")
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  # stdlib's name
             log.debug("teacher-sim %s - " + format, self.address_string(), *args)

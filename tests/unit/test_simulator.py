@@ -2,8 +2,11 @@
 
 import argparse
 import json
+import socket
+import struct
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -145,6 +148,23 @@ def test_calls_are_counted_per_prompt_and_only_the_latest_prompts_are_kept(monke
         post(sim, c)  # the least recently called prompt (b) is forgotten
         later = sim.stats["calls_by_prompt"]
         assert len(later) == 2 and later[key_a] == 3 and key_b not in later
+
+
+def test_a_client_that_hangs_up_before_the_answer_is_counted_not_a_traceback(capsys):
+    body = json.dumps({"model": "m", "messages": build_label_messages(["my card?"], TAXONOMY)}).encode()
+    with SimulatorServer(POOL, delay_s=0.3) as sim:
+        host, port = sim.url.split("//")[1].split("/")[0].split(":")
+        with socket.create_connection((host, int(port))) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.05)  # the server has the request and is "thinking" (delay_s)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        deadline = time.monotonic() + 5
+        while sim.stats["requests"].get("client_gone", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sim.stats["requests"]["client_gone"] == 1
+        assert labels(sim, ["When will my card arrive?"]) == ["card_arrival"]  # still serving
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_faults_500_garbage_outside_taxonomy():
