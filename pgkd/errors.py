@@ -55,3 +55,7 @@ class TeacherError(PGKDError):
 
 class BudgetExhausted(TeacherError):
     """The teacher spend budget is used up; calls stop until it is raised."""
+
+
+class TopicError(PGKDError):
+    """Kafka refused to create one of the product's topics, or a topic's partitions have no leader."""

@@ -17,12 +17,11 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
-from aiokafka.helpers import create_ssl_context
+
+from streams.topics import ensure_topics, kafka_kwargs
 
 if TYPE_CHECKING:
     from pgkd.settings import Settings
@@ -31,24 +30,6 @@ log = logging.getLogger(__name__)
 
 ACTIONS = ("promote", "rollback")
 FIELDS = ("version", "previous", "action", "reason", "round", "ts")
-
-
-def kafka_kwargs(settings: Settings) -> dict[str, Any]:
-    """Connection arguments of a plain aiokafka client (producer, consumer, admin)
-    from the same settings as the Faust apps (``streams.app``)."""
-    kwargs: dict[str, Any] = {
-        "bootstrap_servers": [s.strip() for s in settings.kafka_bootstrap.split(",") if s.strip()],
-        "security_protocol": settings.kafka_security_protocol,
-    }
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        kwargs["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_cafile or None)
-    if settings.kafka_security_protocol.startswith("SASL"):
-        kwargs |= {
-            "sasl_mechanism": settings.kafka_sasl_mechanism,
-            "sasl_plain_username": settings.kafka_sasl_username,
-            "sasl_plain_password": settings.kafka_sasl_password.get_secret_value(),
-        }
-    return kwargs
 
 
 def update_record(entry: dict) -> dict:
@@ -65,39 +46,12 @@ def update_record(entry: dict) -> dict:
     return record
 
 
-async def ensure_topic(settings: Settings, name: str, timeout_s: float = 30.0) -> list[int]:
-    """Create ``name`` with the app's partitions/replication when it does not exist
-    (so the broker never auto-creates it with its own defaults); returns its
-    partition numbers once every one has a leader."""
-    admin = AIOKafkaAdminClient(**kafka_kwargs(settings), client_id=f"{settings.app_id_prefix}-admin")
-    await admin.start()
-    try:
-        if name not in await admin.list_topics():
-            topic = NewTopic(name, num_partitions=settings.topic_partitions,
-                             replication_factor=settings.topic_replication)
-            try:
-                await admin.create_topics([topic])
-            except TopicAlreadyExistsError:
-                pass  # another client won the race
-        deadline = time.monotonic() + timeout_s
-        while True:
-            (described,) = await admin.describe_topics([name])
-            partitions = described["partitions"]
-            if described["error_code"] == 0 and partitions and all(p["leader"] >= 0 for p in partitions):
-                return sorted(p["partition"] for p in partitions)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"topic {name} has no ready partitions after {timeout_s:g}s: {described}")
-            await asyncio.sleep(0.2)
-    finally:
-        await admin.close()
-
-
 async def aannounce_model_update(settings: Settings, entry: dict, timeout_s: float = 30.0) -> dict:
     """Send one record to ``model.updates`` and wait until the broker stored it
     (acks=all); returns the record."""
     record = update_record(entry)
     topic = settings.topic_model_updates
-    await asyncio.wait_for(ensure_topic(settings, topic), timeout_s)
+    await asyncio.wait_for(ensure_topics(settings, ("model_updates",), timeout_s), timeout_s)
     producer = AIOKafkaProducer(**kafka_kwargs(settings), acks="all", client_id=f"{settings.app_id_prefix}-announce")
     await producer.start()
     try:

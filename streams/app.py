@@ -18,6 +18,7 @@ from aiokafka.helpers import create_ssl_context
 
 from pgkd.settings import Settings
 from streams import metrics, transport
+from streams.topics import COMPACTED, FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +154,17 @@ class Topics:
 
 
 def declare_topics(app: faust.App, settings: Settings) -> Topics:
-    """The one topic factory: names, partitions and replication from settings.
+    """The one topic factory: names, partitions and replication from settings,
+    compaction from ``streams.topics.COMPACTED`` (what ``pgkd topics create`` makes).
 
     Inputs the agents read (``texts.in``, ``teacher.requests``) are raw bytes,
     parsed by plain functions so a bad record becomes a dead letter; outputs are
     written as JSON Records with string keys.
     """
 
-    def topic(name: str, *, compacting: bool = False) -> faust.TopicT:
+    def topic(field: str) -> faust.TopicT:
         return app.topic(
-            name,
+            getattr(settings, f"topic_{field}"),
             key_type=bytes,
             value_type=bytes,
             key_serializer="raw",
@@ -171,16 +173,8 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
             replicas=settings.topic_replication,
             # internal: Faust creates it (the product owns all these topics)
             internal=True,
-            compacting=compacting or None,
+            # labels.out: the last record per id (the teacher's, when there is one) is the answer
+            compacting=(field in COMPACTED) or None,
         )
 
-    return Topics(
-        texts_in=topic(settings.topic_texts_in),
-        # compacted: the last record per id (the teacher's, when there is one) is the answer
-        labels_out=topic(settings.topic_labels_out, compacting=True),
-        teacher_requests=topic(settings.topic_teacher_requests),
-        teacher_labels=topic(settings.topic_teacher_labels),
-        dlq=topic(settings.topic_dlq),
-        retrain_requests=topic(settings.topic_retrain_requests),
-        model_updates=topic(settings.topic_model_updates),
-    )
+    return Topics(**{field: topic(field) for field in FIELDS})

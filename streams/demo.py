@@ -37,8 +37,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL = REPO_ROOT / "deploy" / "local"
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 ROLES = ("classify", "teacher", "curator", "trainer")
-TOPIC_FIELDS = ("texts_in", "labels_out", "teacher_requests", "teacher_labels", "dlq", "retrain_requests",
-                "model_updates")
 
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -307,6 +305,7 @@ class Progress:
 
 def run_demo(args: argparse.Namespace) -> int:
     from pgkd.settings import load_settings
+    from streams.topics import FIELDS, ensure_topics
 
     base = load_settings()
     prefix = args.prefix or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -344,13 +343,13 @@ def run_demo(args: argparse.Namespace) -> int:
             # head-only rounds on a CPU are cheap: more epochs; a full fine-tune on a GPU: few
             "trainer_epochs": 5 if cuda else 60, "trainer_patience": 2 if cuda else 10,
             "torch_threads": base.torch_threads or (0 if cuda else 1),
-            **{f"topic_{name}": f"{prefix}.{name.replace('_', '.')}" for name in TOPIC_FIELDS},
+            **{f"topic_{name}": f"{prefix}.{name.replace('_', '.')}" for name in FIELDS},
         }
         env = {k: v for k, v in os.environ.items() if not (k.startswith("PGKD_") and k[5:].lower() in overrides)}
         env |= {f"PGKD_{k.upper()}": str(v) for k, v in overrides.items()} | {"OMP_NUM_THREADS": "1"}
         settings = load_settings(**overrides)
 
-        asyncio.run(_create_topics(settings))
+        asyncio.run(ensure_topics(settings))  # before anything sends: labels.out compacted
         version, _report = seed_version(settings, splits, args.seed)
         ports = {}
         for role in ROLES:
@@ -373,13 +372,6 @@ def run_demo(args: argparse.Namespace) -> int:
         kept = args.keep_services or not services.started
         _print_summary(summary, run_dir, prefix, base.redis_url.get_secret_value() if kept else None)
     return 0 if summary.get("ok", False) else 1
-
-
-async def _create_topics(settings) -> None:
-    from streams.announce import ensure_topic
-
-    for name in TOPIC_FIELDS:
-        await ensure_topic(settings, getattr(settings, f"topic_{name}"))
 
 
 async def _run(args, settings, splits, procs: Procs, ports: dict, stop: asyncio.Event) -> dict:
@@ -440,7 +432,7 @@ async def _produce(settings, pool, rate: float, progress: Progress, stop: asynci
 
     from aiokafka import AIOKafkaProducer
 
-    from streams.announce import kafka_kwargs
+    from streams.topics import kafka_kwargs
 
     order = list(range(len(pool)))
     random.Random(0).shuffle(order)
@@ -467,7 +459,7 @@ async def _consume(settings, progress: Progress, stop: asyncio.Event) -> None:
     """labels.out from the start: counts, low-confidence share, accuracy per version."""
     from aiokafka import AIOKafkaConsumer
 
-    from streams.announce import kafka_kwargs
+    from streams.topics import kafka_kwargs
 
     consumer = AIOKafkaConsumer(settings.topic_labels_out, **kafka_kwargs(settings), group_id=None,
                                 auto_offset_reset="earliest")

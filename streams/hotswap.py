@@ -43,7 +43,7 @@ from pgkd.priority import lower_thread_priority
 from pgkd.registry import VERSION_RE, Registry
 from pgkd.serving import ServingModel, load_version
 from streams import metrics
-from streams.announce import ensure_topic, kafka_kwargs
+from streams.topics import ensure_topics, kafka_kwargs
 
 if TYPE_CHECKING:
     from pgkd.settings import Settings
@@ -152,7 +152,8 @@ class ModelWatcher:
 
     async def run(self) -> None:
         topic = self.settings.topic_model_updates
-        partitions = [TopicPartition(topic, p) for p in await ensure_topic(self.settings, topic)]
+        (state,) = await ensure_topics(self.settings, ("model_updates",))
+        partitions = [TopicPartition(topic, p) for p in range(state.partitions)]
         consumer = AIOKafkaConsumer(**kafka_kwargs(self.settings), group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="latest")
         await consumer.start()

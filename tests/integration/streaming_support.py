@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pgkd.data import LabelledTexts, load_labelled
+from pgkd.settings import Settings
+from streams.topics import TopicState, ensure_topics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BANKING = Path(os.environ.get("PGKD_TEST_BANKING77", REPO_ROOT.parent / "shared" / "datasets" / "banking77"))
@@ -86,7 +89,10 @@ class StreamEnv:
 
     @classmethod
     def make(cls, bootstrap: str, redis_url: str, unique: Callable[[str], str], workdir: Path,
-             model_dir: Path, **overrides: object) -> StreamEnv:
+             model_dir: Path, *, create_topics: bool = True, **overrides: object) -> StreamEnv:
+        """With ``create_topics`` the topics exist before anything sends, as a
+        deployment's ``pgkd topics create`` makes them (the brokers of deploy/local
+        do not auto-create topics); without, the first worker creates them."""
         prefix = unique("app")
         topics = {name: f"{prefix}.{name.replace('_', '.')}" for name in TOPIC_SETTINGS}
         env = {
@@ -106,7 +112,18 @@ class StreamEnv:
             **{TOPIC_SETTINGS[name]: topic for name, topic in topics.items()},
         }
         env |= {f"PGKD_{k.upper()}": str(v) for k, v in overrides.items()}
-        return cls(bootstrap, topics, env, workdir)
+        made = cls(bootstrap, topics, env, workdir)
+        if create_topics:
+            made.create_topics()
+        return made
+
+    def settings(self) -> Settings:
+        return Settings(**{name.removeprefix("PGKD_").lower(): value for name, value in self.env.items()})
+
+    def create_topics(self) -> list[TopicState]:
+        """``pgkd topics create``, in-process (in a thread: callable from a running event loop too)."""
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, ensure_topics(self.settings())).result()
 
     def start(self, role: str, *, via_faust: bool = False, **overrides: object) -> Worker:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGKD_")}

@@ -159,7 +159,7 @@ def test_registry_with_a_redis_password_and_a_wrong_one_redacted(secured_redis, 
 
 
 async def _produce(settings: Settings, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
-    from streams.announce import kafka_kwargs
+    from streams.topics import kafka_kwargs
 
     producer = AIOKafkaProducer(**kafka_kwargs(settings), acks="all")
     await producer.start()
@@ -172,7 +172,7 @@ async def _produce(settings: Settings, topic: str, messages: list[tuple[bytes, b
 
 
 async def _collect(settings: Settings, topic: str, n: int, timeout_s: float, worker) -> list[dict]:
-    from streams.announce import kafka_kwargs
+    from streams.topics import kafka_kwargs
 
     consumer = AIOKafkaConsumer(topic, **kafka_kwargs(settings), auto_offset_reset="earliest", group_id=None)
     await consumer.start()
@@ -189,9 +189,10 @@ async def _collect(settings: Settings, topic: str, n: int, timeout_s: float, wor
         await consumer.stop()
 
 
-def _worker_env(sasl_broker, redis_url: str, model_dir: Path, tmp_path: Path, unique_topic, password_file: Path):
+def _worker_env(sasl_broker, redis_url: str, model_dir: Path, tmp_path: Path, unique_topic, password_file: Path,
+                create_topics: bool = True):
     return StreamEnv.make(
-        sasl_broker["sasl"], redis_url, unique_topic, tmp_path, model_dir,
+        sasl_broker["sasl"], redis_url, unique_topic, tmp_path, model_dir, create_topics=create_topics,
         kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_mechanism="PLAIN", kafka_sasl_username=SASL_USER,
         kafka_sasl_password_file=password_file, kafka_session_timeout_s=10, **TORCH_SERVING,
     )
@@ -232,7 +233,7 @@ def test_wrong_sasl_password_stops_the_worker_without_printing_it(
 ):
     redis_url = f"redis://:{REDIS_PASSWORD}@{secured_redis}/3"  # right: the SASL login is the only fault
     env = _worker_env(sasl_broker, redis_url, tiny_student, tmp_path, unique_topic,
-                      _secret_file(tmp_path / "kafka-password", WRONG_SASL_PASSWORD))
+                      _secret_file(tmp_path / "kafka-password", WRONG_SASL_PASSWORD), create_topics=False)
     try:
         worker = env.start("classify")
         deadline = time.monotonic() + 60

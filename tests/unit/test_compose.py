@@ -132,6 +132,7 @@ def test_docker_compose_config_accepts_the_file():
 TEACHER_KEY = ("PGKD_TEACHER_API_KEY", "PGKD_TEACHER_API_KEY_FILE", "OPENAI_API_KEY")
 CALLS_THE_TEACHER = {"teacher", "curator"}
 WORKERS = {name for name, service in SERVICES.items() if service.get("image", "").startswith("pgkd-stream")}
+ONE_SHOT = {"topics"}  # runs once and exits (docker compose waits for service_completed_successfully)
 
 
 def test_workers_are_found():
@@ -259,8 +260,23 @@ def test_teacher_simulator_is_an_optional_profile():
 
 def test_every_service_has_a_healthcheck_and_restart_policy():
     for name, service in SERVICES.items():
+        if name in ONE_SHOT:  # compose waits for its exit code, not its health
+            assert service["healthcheck"] == {"disable": True} and service["restart"] == "on-failure", name
+            continue
         assert service.get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
         assert service.get("restart") in {"unless-stopped", "always", "on-failure"}, f"{name}: no restart policy"
+
+
+def test_the_topics_exist_before_any_worker_starts_and_the_broker_creates_none():
+    """labels.out must be compacted: whoever touched it first would otherwise make it with the
+    broker's defaults (tests/integration/test_topics.py runs the command on a real broker)."""
+    topics = SERVICES["topics"]
+    assert topics["command"] == ["topics", "create"] and set(topics["depends_on"]) == {"kafka"}
+    for name in WORKERS - ONE_SHOT - {"teacher-sim"}:
+        assert SERVICES[name]["depends_on"]["topics"] == {"condition": "service_completed_successfully"}, name
+    assert environment(SERVICES["kafka"])["KAFKA_AUTO_CREATE_TOPICS_ENABLE"].startswith("false")
+    local = (ROOT / "deploy" / "local" / "kafka").read_text()
+    assert re.search(r"^auto\.create\.topics\.enable=false$", local, flags=re.MULTILINE)
 
 
 def test_pgkd_variables_are_settings():

@@ -1,6 +1,6 @@
 """Every Kafka client gets the same security settings: the Faust apps through
 ``streams.app._credentials`` and the plain aiokafka clients (announcements, hot
-swap, demo) through ``streams.announce.kafka_kwargs``. TLS is checked against a
+swap, demo) through ``streams.topics.kafka_kwargs``. TLS is checked against a
 throwaway CA made here with openssl (no TLS broker needed)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from pgkd.errors import ConfigError
 from pgkd.settings import Settings, load_settings
-from streams.announce import kafka_kwargs
+from streams.topics import kafka_kwargs
 from streams.app import _credentials
 
 CA_NAME = "pgkd-test-ca"

@@ -20,6 +20,7 @@ from pgkd.settings import Settings
 from streams import hotswap, metrics
 from streams.announce import update_record
 from streams.hotswap import SKIP_REASONS, ModelWatcher, read_update
+from streams.topics import TopicState
 
 
 @pytest.mark.parametrize("module", ["streams.announce", "streams.hotswap"])
@@ -189,10 +190,10 @@ def test_malformed_updates_are_skipped_and_the_watcher_follows_on(monkeypatch):
     ScriptedConsumer.polls = 0
     monkeypatch.setattr(hotswap, "AIOKafkaConsumer", ScriptedConsumer)
 
-    async def one_partition(settings, topic):
-        return [0]
+    async def one_partition(settings, fields):
+        return [TopicState(fields[0], settings.topic_model_updates, False, 1, "delete")]
 
-    monkeypatch.setattr(hotswap, "ensure_topic", one_partition)
+    monkeypatch.setattr(hotswap, "ensure_topics", one_partition)
     skipped = {reason: metrics.MODEL_UPDATES_SKIPPED.labels(reason)._value.get() for reason in SKIP_REASONS}
     not_found = failures("not_found")
 
