@@ -38,6 +38,7 @@ audit: setup
 services-up:
 	deploy/local/kafka start
 	deploy/local/redis start
+	$(PYTHON) -m pgkd.cli topics create  # the broker auto-creates none (docs/TOPICS.md)
 
 services-down:
 	deploy/local/kafka stop
