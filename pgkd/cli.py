@@ -253,11 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(sub)
 
     if importlib.util.find_spec("streams.cli") is not None:
-        from streams.cli import add_topics_parser, add_worker_parser
+        from streams.cli import add_dlq_parser, add_topics_parser, add_worker_parser
         from streams.demo import add_demo_parser
 
         add_worker_parser(sub)
         add_topics_parser(sub)
+        add_dlq_parser(sub)
         add_demo_parser(sub)
     return parser
 

@@ -59,3 +59,7 @@ class BudgetExhausted(TeacherError):
 
 class TopicError(PGKDError):
     """Kafka refused to create one of the product's topics, or a topic's partitions have no leader."""
+
+
+class DeadLetterError(PGKDError):
+    """The dead-letter topic cannot be read or replayed: Kafka or Redis does not answer, or refuses."""

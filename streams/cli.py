@@ -68,12 +68,11 @@ def run_topics_create(args: argparse.Namespace) -> int:
     """Create what is missing, print one line per topic, and one error line per topic
     the product cannot rely on as it is (it is never altered here)."""
     from pgkd.settings import load_settings
-    from pgkd.errors import TopicError, first_line
+    from pgkd.errors import TopicError
     from streams.topics import ensure_topics
 
     settings = load_settings()
-    if not args.verbose:  # aiokafka logs each failed connection: the one line below says it
-        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    _quiet_kafka_logs(args)
     try:
         states = asyncio.run(asyncio.wait_for(ensure_topics(settings, timeout_s=args.timeout_s), args.timeout_s))
     except TopicError:
@@ -81,9 +80,7 @@ def run_topics_create(args: argparse.Namespace) -> int:
     except (TimeoutError, asyncio.TimeoutError):
         raise TopicError(f"no answer from Kafka at {settings.kafka_bootstrap} within {args.timeout_s:g} s") from None
     except Exception as err:  # noqa: BLE001 - unreachable broker, refused credentials: one line, not a traceback
-        reason = first_line(err)
-        reason = reason if reason.startswith(type(err).__name__) else f"{type(err).__name__}: {reason}"
-        raise TopicError(f"Kafka at {settings.kafka_bootstrap}: {reason}") from None
+        raise TopicError(f"Kafka at {settings.kafka_bootstrap}: {_one_line(err)}") from None
     for state in states:
         print(f"{state.name}\t{'created' if state.created else 'exists'}\t{state.partitions} partitions\t"
               f"cleanup.policy={state.cleanup_policy}")
@@ -91,3 +88,72 @@ def run_topics_create(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"pgkd: error: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def add_dlq_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``pgkd dlq summary|replay`` on the ``pgkd`` parser."""
+    parser = subparsers.add_parser(
+        "dlq", help="count the dead letters of texts.dlq, or replay their originals once the cause is fixed",
+        description="The dead-letter topic (docs/TOPICS.md, texts.dlq); replayed letters are marked in Redis "
+        "(<prefix>:dlq:replayed) and never sent twice.",
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    summary = actions.add_parser("summary", help="letters by stage and reason, oldest and newest, how many replayed")
+    summary.set_defaults(func=run_dlq)
+    replay = actions.add_parser(
+        "replay", help="send the selected letters' originals back to the input topic each came from")
+    replay.add_argument("--stage", action="append", required=True, choices=("parse", "inference", "teacher", "trainer"),
+                        help="the stage whose letters to replay (repeatable)")
+    replay.add_argument("--reason", action="append", default=None,
+                        help="only letters with this reason, e.g. timeout or connection (repeatable; default: all)")
+    replay.add_argument("--dry-run", action="store_true", help="count what would be sent; send and mark nothing")
+    replay.set_defaults(func=run_dlq)
+
+
+def run_dlq(args: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    from pgkd.errors import DeadLetterError
+    from pgkd.settings import load_settings
+    from streams import dlq
+
+    settings = load_settings()
+    _quiet_kafka_logs(args)
+
+    async def run() -> int:
+        redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=max(5.0, settings.redis_timeout_s),
+                               socket_connect_timeout=5.0)
+        try:
+            if args.action == "summary":
+                for line in (await dlq.summarize(settings, redis)).lines():
+                    print(line)
+                return 0
+            sent, skipped = await dlq.replay(settings, redis, set(args.stage), set(args.reason or ()), args.dry_run)
+        finally:
+            await redis.aclose()
+        verb = "would replay" if args.dry_run else "replayed"
+        print(f"{verb} {sum(sent.values())} letter(s)" + "".join(f"; {n} to {t}" for t, n in sorted(sent.items())))
+        for why, n in sorted(skipped.items()):
+            print(f"skipped {n}: {why}")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except Exception as err:  # noqa: BLE001 - an unreachable broker or Redis, refused credentials: one line
+        if args.verbose:
+            raise
+        raise DeadLetterError(f"dlq {args.action}: {_one_line(err)} (-v for the traceback)") from None
+
+
+def _quiet_kafka_logs(args: argparse.Namespace) -> None:
+    """aiokafka logs every failed connection: a command says it in one line instead (``-v`` shows them)."""
+    if not args.verbose:
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: first line`` of a third-party error, without the type twice."""
+    from pgkd.errors import first_line
+
+    reason = first_line(err)
+    return reason if reason.startswith(type(err).__name__) else f"{type(err).__name__}: {reason}"
