@@ -14,7 +14,7 @@ messages:
 - never an original that was cut (``original_truncated``): part of a message
   would be another message;
 - each replayed letter is marked in Redis (``<prefix>:dlq:replayed``, a set of
-  ``partition:offset``) once the broker stored its original, and a marked one is
+  the letters' places and their originals', :attr:`Letter.mark`) once the broker stored its original, and a marked one is
   not sent again, so a second run of the same selection sends nothing twice. An
   original that fails again comes back as a new letter, replayable in turn. A
   run killed between the broker's ack and the mark may send those few again
@@ -61,7 +61,10 @@ class Letter:
 
     @property
     def mark(self) -> str:
-        return f"{self.partition}:{self.offset}"
+        """What Redis keeps of a replayed letter: its place, and its original's (a DLQ deleted
+        and created again restarts its offsets; its new letters come from other originals)."""
+        origin = f":{self.value['topic']}:{self.value['partition']}:{self.value['offset']}" if self.value else ""
+        return f"{self.partition}:{self.offset}{origin}"
 
 
 def read_letter(raw: bytes | None) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ def test_every_dead_letter_the_workers_write_is_readable_for_a_replay():
                            id="a")
     value = dlq.read_letter(letter.dumps())
     assert value is not None and value["original_truncated"] and value["topic"] == "texts.in"
-    assert dlq.Letter(3, 12, value).mark == "3:12"
+    assert dlq.Letter(3, 12, value).mark == "3:12:texts.in:3:99"  # the letter's place and its original's
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
