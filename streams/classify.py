@@ -104,6 +104,10 @@ class Classifier:
             value=msg.value, ts=msg.ts, max_original_bytes=self.settings.dlq_max_original_bytes, id=ident,
         )
 
+    async def _queue_letter(self, letter: DeadLetter) -> Awaitable:
+        """Queue a dead letter in the producer; returns the broker's acknowledgement."""
+        return await queue(self.topics.dlq, letter.key(), letter.dumps())
+
     async def handle(self, batch: Sequence[Incoming]) -> asyncio.Future:
         """Start classifying one batch; returns a future that resolves once the
         broker stored every record the batch produced (run_batches acks the
@@ -152,7 +156,7 @@ class Classifier:
             results = await inferred if inferred is not None else []
             if before is not None:
                 await asyncio.shield(before)
-            acks = [await queue(self.topics.dlq, letter.key(), letter.dumps()) for letter in rejected]
+            acks = [await self._queue_letter(letter) for letter in rejected]
             answered = await self._records(valid, results, model, acks)
             stored = asyncio.gather(*acks)
         finally:
@@ -169,7 +173,7 @@ class Classifier:
             if isinstance(probs, Exception):
                 error = f"{type(probs).__name__}: {probs}"
                 letter = self._dead_letter(msg, "inference", "inference_error", error, item.id)
-                acks.append(await queue(self.topics.dlq, letter.key(), letter.dumps()))
+                acks.append(await self._queue_letter(letter))
                 continue
             answer = route(probs, model.labels, self.routing)
             out = LabelOut(
