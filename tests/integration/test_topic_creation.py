@@ -1,9 +1,12 @@
-"""``pgkd topics create`` and the brokers' ``auto.create.topics.enable=false`` on a real Kafka."""
+"""``pgkd topics create``, the brokers' ``auto.create.topics.enable=false``, and the producer and consumer
+example of docs/TOPICS.md, on a real Kafka."""
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -114,3 +117,21 @@ def test_a_worker_started_before_the_topics_exist_creates_them_as_the_cli_does(s
     worker.wait_ready(180)
     view = broker_view(kafka_bootstrap, [env.topics["labels_out"], env.topics["texts_in"]])
     assert view == {env.topics["labels_out"]: (4, "compact"), env.topics["texts_in"]: (4, "delete")}
+
+
+def test_the_producer_and_consumer_example_of_the_topics_doc_runs_against_a_worker(stream, tiny_student,
+                                                                                 kafka_bootstrap, tmp_path):
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "TOPICS.md").read_text()
+    example = re.search(r"<!-- example: produce and consume -->\n```python\n(.*?)```", doc, flags=re.DOTALL)
+    assert example, "the example block of docs/TOPICS.md"
+    env = stream(tiny_student)
+    code = (example.group(1).replace('"127.0.0.1:9092"', repr(kafka_bootstrap))
+            .replace('"texts.in"', repr(env.topics["texts_in"])).replace('"labels.out"', repr(env.topics["labels_out"])))
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    worker = env.start("classify")
+    worker.wait_ready(180)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ident, label, source, version = done.stdout.split()
+    assert ident == "msg-1" and source == "student" and label and version
