@@ -56,8 +56,8 @@ def add_topics_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = actions.add_parser(
-        "create", help="create the missing topics (labels.out compacted); exit 1 when one exists with another "
-        "cleanup.policy than the product needs",
+        "create", help="create the missing topics (labels.out compacted); exit 1 when labels.out exists "
+        "uncompacted, or another topic compacted",
     )
     create.add_argument("--timeout-s", type=float, default=60.0,
                         help="how long to wait for the broker and every partition's leader (default 60)")

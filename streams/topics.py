@@ -9,8 +9,8 @@ first (a producer, or a consumer of ``labels.out`` started before the workers)
 creates it with the broker's defaults, uncompacted, and nothing corrects it later.
 
 ``pgkd topics create`` (compose runs it once before the workers) creates what is
-missing, waits until every partition has a leader, and reports a topic that
-exists with another cleanup policy than the product's as a problem: the
+missing, waits until every partition has a leader, and reports an existing
+``labels.out`` without compaction, or another topic with it, as a problem: the
 operator fixes it with ``kafka-configs.sh --alter``; this tool never changes a
 topic that exists. Workers still create missing topics at start (``streams.app``).
 
@@ -63,8 +63,11 @@ class TopicState:
         'labels.out has cleanup.policy=delete, the product needs compact (kafka-configs.sh --alter --entity-type topics --entity-name labels.out --add-config cleanup.policy=compact)'
         >>> TopicState("texts_in", "texts.in", False, 8, "delete").problem() is None
         True
+        >>> TopicState("labels_out", "labels.out", False, 4, "compact,delete").problem() is None  # and a retention
+        True
         """
-        if self.cleanup_policy == self.wanted_policy:
+        compacted = "compact" in {p.strip() for p in self.cleanup_policy.split(",")}
+        if compacted == (self.field in COMPACTED):
             return None
         return (f"{self.name} has cleanup.policy={self.cleanup_policy}, the product needs {self.wanted_policy} "
                 f"(kafka-configs.sh --alter --entity-type topics --entity-name {self.name} "
