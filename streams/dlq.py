@@ -33,6 +33,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,8 @@ if TYPE_CHECKING:
     from pgkd.settings import Settings
 
 REPLAY_TARGETS = ("texts_in", "teacher_requests", "retrain_requests")  # the topics the workers consume
-LETTER_FIELDS = ("stage", "reason", "topic", "partition", "offset", "original_b64", "original_truncated", "ts")
+LETTER_FIELDS = {"stage": str, "reason": str, "topic": str, "partition": int, "offset": int, "original_b64": str,
+                 "original_truncated": bool, "ts": (int, float)}  # what a replay reads, and its type
 SEND_BATCH = 256  # originals in flight before their acks are awaited and their letters marked
 READ_STALL_S = 30.0  # no record for this long while the end offsets say there are more: the broker is stuck
 
@@ -80,8 +82,11 @@ def read_letter(raw: bytes | None) -> dict[str, Any] | None:
         value = json.loads(raw or b"")
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if not isinstance(value, dict) or any(name not in value for name in LETTER_FIELDS):
+    if not isinstance(value, dict):
         return None
+    for name, kind in LETTER_FIELDS.items():
+        if not isinstance(value.get(name), kind) or (kind is int and isinstance(value[name], bool)):
+            return None
     return value
 
 
@@ -140,16 +145,17 @@ class Summary:
 async def summarize(settings: Settings, redis: Redis) -> Summary:
     summary = Summary()
     replayed = {m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(replayed_key(settings))}
-    async for letter in letters(settings):
-        if letter.value is None:
-            summary.unreadable += 1
-            continue
-        ts = float(letter.value["ts"] or 0.0)
-        g = summary.groups.setdefault((letter.value["stage"], letter.value["reason"]),
-                                      {"letters": 0, "replayed": 0, "oldest": ts, "newest": ts})
-        g["letters"] += 1
-        g["replayed"] += letter.mark in replayed
-        g["oldest"], g["newest"] = min(g["oldest"], ts), max(g["newest"], ts)
+    async with aclosing(letters(settings)) as stream:  # the consumer stops even if this loop fails
+        async for letter in stream:
+            if letter.value is None:
+                summary.unreadable += 1
+                continue
+            ts = float(letter.value["ts"])
+            g = summary.groups.setdefault((letter.value["stage"], letter.value["reason"]),
+                                          {"letters": 0, "replayed": 0, "oldest": ts, "newest": ts})
+            g["letters"] += 1
+            g["replayed"] += letter.mark in replayed
+            g["oldest"], g["newest"] = min(g["oldest"], ts), max(g["newest"], ts)
     return summary
 
 
@@ -176,30 +182,31 @@ async def replay(settings: Settings, redis: Redis, stages: set[str], reasons: se
         in_flight.clear()
 
     try:
-        async for letter in letters(settings):
-            value = letter.value
-            if value is None:
-                skipped["not a dead letter"] += 1
-            elif value["stage"] not in stages or (reasons and value["reason"] not in reasons):
-                skipped["not selected"] += 1
-            elif letter.mark in replayed:
-                skipped["replayed before"] += 1
-            elif value["original_truncated"]:
-                skipped["original cut (PGKD_DLQ_MAX_ORIGINAL_BYTES)"] += 1
-            elif value["topic"] not in targets:
-                skipped[f"from {value['topic']}, not an input topic of this deployment"] += 1
-            else:
-                try:
-                    original = base64.b64decode(value["original_b64"], validate=True)
-                except (binascii.Error, TypeError):
-                    skipped["original not base64"] += 1
-                    continue
-                sent[value["topic"]] += 1
-                if producer is not None:
-                    key_bytes = value["id"].encode() if isinstance(value.get("id"), str) else None
-                    in_flight.append((await producer.send(value["topic"], original, key=key_bytes), letter.mark))
-                    if len(in_flight) >= SEND_BATCH:
-                        await settle()
+        async with aclosing(letters(settings)) as stream:
+            async for letter in stream:
+                value = letter.value
+                if value is None:
+                    skipped["not a dead letter"] += 1
+                elif value["stage"] not in stages or (reasons and value["reason"] not in reasons):
+                    skipped["not selected"] += 1
+                elif letter.mark in replayed:
+                    skipped["replayed before"] += 1
+                elif value["original_truncated"]:
+                    skipped["original cut (PGKD_DLQ_MAX_ORIGINAL_BYTES)"] += 1
+                elif value["topic"] not in targets:
+                    skipped[f"from {value['topic']}, not an input topic of this deployment"] += 1
+                else:
+                    try:
+                        original = base64.b64decode(value["original_b64"], validate=True)
+                    except (binascii.Error, TypeError):
+                        skipped["original not base64"] += 1
+                        continue
+                    sent[value["topic"]] += 1
+                    if producer is not None:
+                        key_bytes = value["id"].encode() if isinstance(value.get("id"), str) else None
+                        in_flight.append((await producer.send(value["topic"], original, key=key_bytes), letter.mark))
+                        if len(in_flight) >= SEND_BATCH:
+                            await settle()
         await settle()
     finally:
         if producer is not None:

@@ -2,6 +2,7 @@
 tests/integration/test_dlq_replay.py)."""
 
 import doctest
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,8 @@ def test_every_dead_letter_the_workers_write_is_readable_for_a_replay():
     value = dlq.read_letter(letter.dumps())
     assert value is not None and value["original_truncated"] and value["topic"] == "texts.in"
     assert dlq.Letter(3, 12, value).mark == "3:12:texts.in:3:99"  # the letter's place and its original's
+    for bad in ({"ts": "soon"}, {"offset": True}, {"original_b64": None}):  # not what a worker writes
+        assert dlq.read_letter(json.dumps(value | bad).encode()) is None, bad
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
