@@ -74,7 +74,7 @@ def run_topics_create(args: argparse.Namespace) -> int:
     settings = load_settings()
     _quiet_kafka_logs(args)
     try:
-        states = asyncio.run(asyncio.wait_for(ensure_topics(settings, timeout_s=args.timeout_s), args.timeout_s))
+        states = asyncio.run(asyncio.wait_for(ensure_topics(settings, timeout_s=args.timeout_s, policies=True), args.timeout_s))
     except TopicError:
         raise
     except (TimeoutError, asyncio.TimeoutError):
@@ -111,18 +111,16 @@ def add_dlq_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_dlq(args: argparse.Namespace) -> int:
-    from redis.asyncio import Redis
-
     from pgkd.errors import DeadLetterError
     from pgkd.settings import load_settings
+    from pgkd.teacher_cache import connect
     from streams import dlq
 
     settings = load_settings()
     _quiet_kafka_logs(args)
 
     async def run() -> int:
-        redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=max(5.0, settings.redis_timeout_s),
-                               socket_connect_timeout=5.0)
+        redis = connect(settings.redis_url.get_secret_value(), max(5.0, settings.redis_timeout_s))
         try:
             if args.action == "summary":
                 for line in (await dlq.summarize(settings, redis)).lines():

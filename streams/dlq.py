@@ -125,6 +125,11 @@ def replayed_key(settings: Settings) -> str:
     return f"{settings.app_id_prefix}:dlq:replayed"
 
 
+async def replayed_marks(settings: Settings, redis: Redis) -> set[str]:
+    """The marks of every letter replayed so far (:attr:`Letter.mark`)."""
+    return {m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(replayed_key(settings))}
+
+
 @dataclass
 class Summary:
     """Letters by (stage, reason): count, oldest and newest original ts, how many replayed."""
@@ -144,7 +149,7 @@ class Summary:
 
 async def summarize(settings: Settings, redis: Redis) -> Summary:
     summary = Summary()
-    replayed = {m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(replayed_key(settings))}
+    replayed = await replayed_marks(settings, redis)
     async with aclosing(letters(settings)) as stream:  # the consumer stops even if this loop fails
         async for letter in stream:
             if letter.value is None:
@@ -165,7 +170,7 @@ async def replay(settings: Settings, redis: Redis, stages: set[str], reasons: se
     (replayed per topic, skipped per why). With ``dry_run`` nothing is sent or marked."""
     targets = {getattr(settings, f"topic_{name}") for name in REPLAY_TARGETS}
     key = replayed_key(settings)
-    replayed = {m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(key)}
+    replayed = await replayed_marks(settings, redis)
     sent, skipped = Counter(), Counter()
     producer = None
     if not dry_run:

@@ -50,7 +50,7 @@ class TopicState:
     name: str
     created: bool
     partitions: int
-    cleanup_policy: str
+    cleanup_policy: str | None  # None: not read (ensure_topics(..., policies=False))
 
     @property
     def wanted_policy(self) -> str:
@@ -66,6 +66,8 @@ class TopicState:
         >>> TopicState("labels_out", "labels.out", False, 4, "compact,delete").problem() is None  # and a retention
         True
         """
+        if self.cleanup_policy is None:
+            return None  # not read: nothing to say
         compacted = "compact" in {p.strip() for p in self.cleanup_policy.split(",")}
         if compacted == (self.field in COMPACTED):
             return None
@@ -98,11 +100,12 @@ def new_topic(settings: Settings, field: str) -> NewTopic:
                     replication_factor=settings.topic_replication, topic_configs=configs)
 
 
-async def ensure_topics(settings: Settings, fields: tuple[str, ...] = FIELDS,
-                        timeout_s: float = 30.0) -> list[TopicState]:
+async def ensure_topics(settings: Settings, fields: tuple[str, ...] = FIELDS, timeout_s: float = 30.0,
+                        policies: bool = False) -> list[TopicState]:
     """Create the topics of ``fields`` that do not exist (partitions and
     replication from settings, ``labels.out`` compacted); return each one's state
-    once every partition has a leader. A topic that exists is left as it is."""
+    once every partition has a leader, with its cleanup policy when ``policies``
+    (one more request to the broker). A topic that exists is left as it is."""
     admin = AIOKafkaAdminClient(**kafka_kwargs(settings), client_id=f"{settings.app_id_prefix}-admin")
     await admin.start()
     try:
@@ -116,10 +119,10 @@ async def ensure_topics(settings: Settings, fields: tuple[str, ...] = FIELDS,
                     message = rest[0] if rest and rest[0] else for_code(code).__name__
                     raise TopicError(f"the broker refused to create topic {name}: {message}")
         partitions = await _wait_for_leaders(admin, list(names.values()), timeout_s)
-        policies = await _cleanup_policies(admin, list(names.values()))
+        cleanup = await _cleanup_policies(admin, list(names.values())) if policies else {}
     finally:
         await admin.close()
-    return [TopicState(field, name, field in missing, partitions[name], policies[name])
+    return [TopicState(field, name, field in missing, partitions[name], cleanup.get(name))
             for field, name in names.items()]
 
 
