@@ -5,6 +5,7 @@ labels.out, and writing a generated section into docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -227,6 +228,8 @@ def worker_args(p, threads_help: str = "torch threads of the worker") -> None:
     p.add_argument("--inference-batch-size", type=int, default=16, help="PGKD_INFERENCE_BATCH_SIZE")
     p.add_argument("--lanes", type=int, default=1, choices=(1, 2), help="PGKD_INFERENCE_LANES")
     p.add_argument("--within", type=float, default=0.01, help="PGKD_BATCH_WITHIN_S")
+    p.add_argument("--process", action=argparse.BooleanOptionalAction, default=False,
+                   help="PGKD_INFERENCE_PROCESS: each served version in a child process of the worker")
     p.add_argument("--switch-interval", type=float, default=0.0005, help="PGKD_GIL_SWITCH_INTERVAL_S (0: Python's 5 ms)")
     p.add_argument("--model", help="a Student.save() directory (default: the trained-head MiniLM of the tests)")
     p.add_argument("--bootstrap", help="an existing Kafka (default: start one)")
@@ -238,7 +241,7 @@ def settings_from_args(args) -> dict:
     return {"inference_quantize": args.quantize, "inference_graph": args.graph, "torch_threads": args.threads,
             "batch_size": args.batch_size, "inference_batch_size": args.inference_batch_size,
             "batch_within_s": args.within, "inference_lanes": args.lanes,
-            "gil_switch_interval_s": args.switch_interval}
+            "gil_switch_interval_s": args.switch_interval, "inference_process": args.process}
 
 
 def report(name: str, res: dict, args, load_before: list[float], markdown) -> None:

@@ -133,12 +133,39 @@ def cpu_seconds(pid: int, task: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds of each thread of a process, by thread id."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
+def descendants(pid: int) -> list[int]:
+    """The live child processes of ``pid``, their children, ... (/proc/PID/task/TID/children)."""
+    out = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
         with contextlib.suppress(OSError):
-            out[int(task.name)] = cpu_seconds(pid, task=int(task.name))
+            for child in map(int, children.read_text().split()):
+                out += [child, *descendants(child)]
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (the worker's inference process, PGKD_INFERENCE_PROCESS)."""
+    total = 0.0
+    for p in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(p)
+    return total
+
+
+def process_cpu(name: str, pid: int) -> float:
+    """CPU seconds so far of one of the measured processes: the worker with its inference
+    processes; this process without its children (the worker, and the broker it started)."""
+    return tree_cpu_seconds(pid) if name == "worker" else cpu_seconds(pid)
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of a process and of its live descendants, by thread id."""
+    out = {}
+    for p in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    out[int(task.name)] = cpu_seconds(p, task=int(task.name))
     return out
 
 
@@ -196,7 +223,7 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
         pids = {"worker": worker.proc.pid, "this process": os.getpid(), **broker_pid()}
         for r in range(args.rounds):
             raws.append(raw_limit(student, raw_texts, args.lanes))
-            before, cpu = worker_counters(worker), {k: cpu_seconds(p) for k, p in pids.items()}
+            before, cpu = worker_counters(worker), {k: process_cpu(k, p) for k, p in pids.items()}
             threads_before = thread_cpu_seconds(worker.proc.pid)
             started = time.monotonic()
             streams.append(await backlog(producer, outputs, topic, f"s{r}", texts, args.messages, timeout_s=600))
@@ -207,7 +234,7 @@ async def run(args, bootstrap: str, redis_url: str, workdir: Path) -> dict:
                 "mean_batch": n / batches if batches else 0.0,
                 # texts per second of inference time inside the worker: its model speed while busy
                 "worker_inference_texts_s": n / (after["pgkd_inference_seconds_sum"] - before["pgkd_inference_seconds_sum"]),
-                "cores_used": {k: (cpu_seconds(p) - cpu[k]) / wall for k, p in pids.items()},
+                "cores_used": {k: (process_cpu(k, p) - cpu[k]) / wall for k, p in pids.items()},
                 "full_gcs": after['pgkd_gc_pause_seconds_count{generation="2"}']
                 - before['pgkd_gc_pause_seconds_count{generation="2"}'],
                 "full_gc_ms": 1000 * (after['pgkd_gc_pause_seconds_sum{generation="2"}']

@@ -37,6 +37,10 @@ class ModelIntegrityError(ModelError):
     """A stored model's files do not match the checksums in its manifest."""
 
 
+class InferenceProcessError(ModelError):
+    """The child process that serves a model (PGKD_INFERENCE_PROCESS) died, or cannot be started."""
+
+
 class RegistryError(PGKDError):
     """The model registry refuses an operation: unknown version, nothing to roll back to."""
 

@@ -116,8 +116,14 @@ def tokenizer_key(manifest: dict) -> tuple[tuple[str, str], ...]:
 def load_version(settings: Settings, version: str) -> ServingModel:
     """A stored registry version, verified, ready for ``predict_proba`` (the hot
     swap's loader). ModelIntegrityError when a file does not match its checksum.
+    With PGKD_INFERENCE_PROCESS, loaded and served by a child process
+    (:func:`pgkd.inference_process.load_in_child`).
     Served by ONNX Runtime, it shares the tokenizer of a version in memory whose
     tokenizer files, labels and config have the same checksums (:func:`tokenizer_key`)."""
+    if settings.inference_process:
+        from pgkd.inference_process import load_in_child
+
+        return load_in_child(settings, version)
     with Registry.from_settings(settings) as registry:
         path = registry.path(version)
     student = _verified(path, version, settings)
@@ -225,7 +231,16 @@ def load_serving_model(settings: Settings) -> ServingModel:
     version = current_version(settings)
     if version is not None:
         return load_version(settings, version)
+    if settings.inference_process:
+        from pgkd.inference_process import load_in_child
 
+        return load_in_child(settings, None)
+    return load_fallback(settings)
+
+
+def load_fallback(settings: Settings) -> ServingModel:
+    """The PGKD_SERVE_MODEL directory, ready for ``predict_proba`` (verified against
+    its manifest when it is a copy of a registry version)."""
     path = _fallback_path(settings)
     if _is_version_copy(path):
         student = _verified(path, None, settings)  # a copied version: its manifest names it

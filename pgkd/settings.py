@@ -96,6 +96,13 @@ class Settings(BaseSettings):
         "~1.5x the sustained rate, but a worse tail at moderate load (docs/BENCHMARKS.md); at most two batches are "
         "in flight, so more lanes would idle"
     )
+    inference_process: bool = Field(
+        False, description="classify workers serve each version from a child process of its own: a native crash "
+        "or an OOM kill of the runtime loses that process, not the worker (restarted with the same version; the "
+        "batch in flight is retried text by text: docs/RELIABILITY.md). Measured on 2 cores: the same sustained "
+        "rate within noise, a new version's longest hot-swap gap ~2x longer, and more memory (MiniLM int8: ~190 MB per version in memory "
+        "and ~80 MB for the spare process, against ~140 MB in the worker; docs/BENCHMARKS.md)"
+    )
     inference_batch_size: int = Field(
         16, ge=1, description="most texts per forward pass: a batch is sorted by token count and cut into passes "
         "of at most this many, each padded to its own longest text, where the padding saved pays for another pass "

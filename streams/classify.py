@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from pgkd import inference_process
 from pgkd.inference import Rejected, Routing, TextIn, parse_input, route
 from pgkd.serving import ServingModel, load_serving_model, serve_path
 from pgkd.settings import Settings, load_settings
@@ -35,6 +36,10 @@ from streams.hotswap import ModelWatcher
 from streams.schemas import DeadLetter, LabelOut, TeacherRequest
 
 log = logging.getLogger(__name__)
+
+
+def _count_restart(version: str) -> None:
+    metrics.INFERENCE_PROCESS_RESTARTS.labels(version).inc()
 
 
 class Classifier:
@@ -57,6 +62,8 @@ class Classifier:
     async def start(self) -> None:
         """Load, verify and warm up the model; once, before the worker joins its group."""
         share_the_gil(self.settings)
+        if self.settings.inference_process and _count_restart not in inference_process.on_restart:
+            inference_process.on_restart.append(_count_restart)
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(self._executor, load_serving_model, self.settings)
         self.swap(model)

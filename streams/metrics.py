@@ -23,6 +23,10 @@ _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _CONFIDENCE = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.99, 1.0)
 
 # --- classifier -------------------------------------------------------------------
+INFERENCE_PROCESS_RESTARTS = Counter(
+    "pgkd_inference_process_restarts", "Inference processes restarted after they died (PGKD_INFERENCE_PROCESS)",
+    ["model_version"],
+)
 TEXTS_TOTAL = Counter("pgkd_texts_total", "Texts received on texts.in (valid or not)")
 TEXTS_CLASSIFIED = Counter(
     "pgkd_texts_classified", "Student answers published to labels.out", ["label", "model_version"]

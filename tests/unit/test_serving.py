@@ -3,16 +3,16 @@ here, so the PGKD_SERVE_MODEL fallback is what loads)."""
 
 import json
 import shutil
-import socket
 
 import pytest
 import torch
+from model_support import LABELS
+from model_support import closed_port as _closed_port
+from model_support import fallback_settings as _fallback_settings
 
 from pgkd.serving import load_serving_model
 from pgkd.settings import load_settings
 from pgkd.student import Student
-
-LABELS = ["neg", "neu", "pos"]
 
 
 @pytest.fixture
@@ -20,12 +20,6 @@ def model_dir(tiny_encoder_dir, tmp_path):
     path = tmp_path / "v1"
     Student.from_pretrained(tiny_encoder_dir, LABELS, max_length=32, device="cpu").save(path)
     return path
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens once the socket is closed
 
 
 @pytest.mark.parametrize("quantize", ["fp32", "int8"])
@@ -99,28 +93,6 @@ def test_the_graph_builder_reports_why_it_failed(tmp_path):
 
 
 # --- PGKD_SERVE_MODEL naming a registry version (or a copy of one) ----------------------
-
-
-@pytest.fixture(scope="module")
-def version_copy(tiny_encoder_dir, tmp_path_factory):
-    """A registry version's directory as an operator copies it out of the store
-    (under another name): the student, its stored int8 graph, and a manifest that
-    names v0007 and lists every file's sha256. Written here as ``Registry.publish``
-    writes it, without the Redis that numbers versions."""
-    from pgkd.inference_onnx import add_graph
-    from pgkd.registry import sha256_file
-
-    path = tmp_path_factory.mktemp("copied") / "fallback"
-    Student.from_pretrained(tiny_encoder_dir, LABELS, max_length=32, device="cpu").save(path)
-    graph = add_graph(path, "int8")
-    files = {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
-    (path / "manifest.json").write_text(json.dumps({"version": "v0007", "files": files, "graphs": {"int8": graph}}))
-    return path
-
-
-def _fallback_settings(path, tmp_path, **overrides):
-    return load_settings(serve_model=str(path), model_store=tmp_path / "store", redis_timeout_s=0.5,
-                         redis_url=f"redis://127.0.0.1:{_closed_port()}/0", **overrides)
 
 
 def test_a_copied_version_serves_its_stored_graph_without_a_build(version_copy, tmp_path, monkeypatch):
