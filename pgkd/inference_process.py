@@ -1,25 +1,26 @@
 """The served student in a child process (``PGKD_INFERENCE_PROCESS=true``).
 
-A classify worker's inference thread shares the worker's GIL with its event
-loop: it retakes the GIL after every forward pass, and a hot swap's load
-(parsing a tokenizer, building a session) holds it in pieces of tens of ms.
-Here each served version lives in a process of its own, which loads, verifies
-and warms it with its own GIL; the worker's inference thread only sends it
-texts and waits for the probabilities on a pipe (without the GIL). A native
-crash (a segfault in the runtime, the kernel's OOM killer) then takes down that
-process, not the worker: the call fails with :class:`InferenceProcessError`,
-the worker's text-by-text retry isolates the text, and the next call starts a
-new process with the same version.
+Each version a classify worker serves lives in a process of its own, which
+loads, verifies and warms it; the worker's inference thread sends it a take's
+texts and waits for the probabilities on a pipe. What this buys is isolation:
+a native crash (a segfault in the runtime, the kernel's OOM killer) takes down
+that process, not the worker. The call fails with
+:class:`InferenceProcessError`, the worker retries the batch text by text, and
+the next call starts a process with the same version. What it costs, measured
+on 2 cores (docs/BENCHMARKS.md, "Session 21"): nothing in sustained rate (the
+GIL the inference thread shares with the event loop was not what held it
+back), a new version's longest hot-swap gap ~2x the in-process one (its load
+shares no tokenizer and no warm memory with the worker's), and memory.
 
-A fresh Python process spends about a second of CPU importing numpy, ONNX
-Runtime and the tokenizer before it can load anything; on the cores that serve,
-that lengthened a hot swap's longest gap between answers 2x
-(docs/BENCHMARKS.md). So one *spare* process is kept ready: started once a
-version serves, it imports on a thread at :data:`PREPARE_NICE` and waits; the
-next version (a hot swap, a restart) loads in it.
+A fresh Python process also spends about a second of CPU importing numpy, ONNX
+Runtime and the tokenizer before it can load anything. So one *spare* process
+is kept ready: started once a version serves, it imports on a thread at
+:data:`PREPARE_NICE` and waits; the next version (a hot swap, a restart) loads
+in it (a swap in 0.4-0.6 s instead of 0.6-1.0 s).
 
 The protocol is one :func:`multiprocessing.Pipe` per process, carrying bytes,
-never pickles: JSON requests, and answers that are a kind byte and a body. The
+never pickles (multiprocessing's start-up pickles only the function the child
+runs and its end of the pipe): JSON requests, and answers that are a kind byte and a body. The
 parent sends a load request (the settings, without the teacher's and Kafka's
 secrets, which a child never uses; the version; the nice value to load at)
 once, and the child answers ``R`` + JSON attributes or ``E`` + a JSON error;
@@ -157,7 +158,7 @@ class ChildStudent:
     def _start(self) -> None:
         conn, proc = _take_process()
         self._conn, self._proc = conn, proc
-        self._finalizer = weakref.finalize(self, _stop, conn, proc)
+        self._finalizer = weakref.finalize(self, _stop, conn)
         request = {"settings": self._settings, "version": self._version, "nice": self._nice}
         try:
             conn.send_bytes(json.dumps(request).encode())
@@ -224,7 +225,7 @@ class ChildStudent:
         self._finalizer()
 
 
-def _stop(conn: Connection, proc) -> None:
+def _stop(conn: Connection) -> None:
     # The child exits on an empty message, or on EOF when the send fails or the pipe closes.
     try:
         conn.send_bytes(b"")
