@@ -74,7 +74,11 @@ PREPARED_MODULES = ("numpy", "onnxruntime", "tokenizers", "pgkd.serving", "pgkd.
 # Processes are started from this thread, which keeps the worker's nice value:
 # a child inherits its parent thread's, and the hot swap's load thread runs
 # lowered (streams.hotswap.LOAD_NICE) -- a version loaded there would then serve lowered.
+# A thread inherits its creator's nice too, so the starter is created here, by the
+# thread that imports this module (streams.classify imports it at start-up), not
+# by whichever thread first starts a process.
 _STARTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-inference-start")
+_STARTER.submit(lambda: None).result()
 _spare: list[tuple[Connection, multiprocessing.Process]] = []  # at most one, ready to load
 _spare_lock = threading.Lock()
 
