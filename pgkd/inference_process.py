@@ -49,7 +49,7 @@ import numpy as np
 
 from pgkd import errors
 from pgkd.errors import InferenceProcessError, ModelError
-from pgkd.priority import lower_thread_priority
+from pgkd.priority import lower_thread_priority, thread_nice_increment
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WARMUP_TEXT = "warm-up"
 # Restarts of a dead process in a row (no answer between them) before calls fail
 # without one: a model that kills its process on every text must not reload for
 # every text of a batch; the worker's all-texts-fail rule then stops the worker.
@@ -124,17 +123,8 @@ def load_in_child(settings: Settings, version: str | None) -> ServingModel:
     RegistryError, ...), or InferenceProcessError."""
     from pgkd.serving import ServingModel
 
-    student = ChildStudent(settings, version, nice=_thread_nice_increment())
+    student = ChildStudent(settings, version, nice=thread_nice_increment())
     return ServingModel(student=student, version=student.version, path=student.path)
-
-
-def _thread_nice_increment() -> int:
-    """How much lower than the process's main thread the calling thread runs (Linux: per-thread nice)."""
-    try:
-        return max(0, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-                   - os.getpriority(os.PRIO_PROCESS, os.getpid()))
-    except (AttributeError, OSError):
-        return 0
 
 
 class ChildStudent:
@@ -215,8 +205,8 @@ class ChildStudent:
         started = time.perf_counter()
         try:
             self._start()
-        except (InferenceProcessError, ModelError):
-            self._deaths += 1
+        except Exception:
+            self._deaths += 1  # a start that fails counts as a death: no reload on every call
             raise
         self.restarts += 1
         for hook in on_restart:
@@ -328,7 +318,7 @@ def _prepare() -> None:
 
 
 def _load(values: dict, version: str | None) -> ServingModel:
-    from pgkd.serving import load_fallback, load_version
+    from pgkd.serving import WARMUP_TEXT, load_fallback, load_version
     from pgkd.settings import Settings
 
     settings = Settings(**values)

@@ -39,3 +39,12 @@ def lower_thread_priority(increment: int) -> bool:
         log.info("running at normal priority (%s)", err)
         return False
     return True
+
+
+def thread_nice_increment() -> int:
+    """How much lower than the process's main thread the calling thread runs (Linux: per-thread nice)."""
+    try:
+        return max(0, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+                   - os.getpriority(os.PRIO_PROCESS, os.getpid()))
+    except (AttributeError, OSError):
+        return 0

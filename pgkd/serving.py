@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WARMUP_TEXT = "warm-up"  # one prediction before a version serves: lazy init is paid off the stream
+
 @dataclass(frozen=True)
 class ServingModel:
     """A loaded student and the version name its answers carry."""

@@ -41,7 +41,7 @@ from pgkd.errors import ModelIntegrityError, ModelError, RegistryError, Registry
 from pgkd.inference import load_json
 from pgkd.priority import lower_thread_priority
 from pgkd.registry import VERSION_RE, Registry
-from pgkd.serving import ServingModel, load_version
+from pgkd.serving import WARMUP_TEXT, ServingModel, load_version
 from streams import metrics
 from streams.topics import ensure_topics, kafka_kwargs
 
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WARMUP_TEXT = "warm-up"  # one prediction before a version serves: lazy init is paid off the stream
 LOAD_FAILURE_REASONS = ("checksum", "not_found", "load_error")
 SKIP_REASONS = ("not_json", "not_object", "bad_version")  # pgkd_model_updates_skipped_total{reason}
 RESTART_DELAY_S = 5.0

@@ -13,7 +13,7 @@ from model_support import fallback_settings
 from pgkd import inference_process
 from pgkd.errors import InferenceProcessError, ModelIntegrityError
 from pgkd.inference_process import ChildStudent, load_in_child
-from pgkd.priority import lower_thread_priority
+from pgkd.priority import lower_thread_priority, thread_nice_increment
 from pgkd.serving import load_serving_model
 
 TEXTS = ["hello", "a longer text to pad against the first", "third"]
@@ -145,7 +145,7 @@ def test_the_child_serves_at_the_workers_priority_when_loaded_from_a_lowered_thr
 
     def load() -> None:  # as the hot swap's load thread: lowered by streams.hotswap.LOAD_NICE
         got["lowered"] = lower_thread_priority(5)
-        got["increment"] = inference_process._thread_nice_increment()
+        got["increment"] = thread_nice_increment()
         got["model"] = load_in_child(settings, None)
 
     thread = threading.Thread(target=load)
