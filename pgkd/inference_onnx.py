@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgkd.errors import GraphError, first_line
+from pgkd.priority import at_base_priority
 from pgkd.registry import graph_file
 
 if TYPE_CHECKING:  # torch is imported where a graph is built or torch tensors are asked for: a
@@ -237,7 +238,11 @@ def session(model: str | bytes, threads: int | None = None):
     # with 2+ threads ORT's pool spins between runs by default: on a few cores shared with the
     # event loop and the broker that is CPU taken from them (it changes nothing at 1 thread)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    if threads == 1:  # no pool thread: the session loads at the caller's priority (a hot swap's: lowered)
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    # the session starts its intra-op threads, which take the calling thread's nice value for
+    # good: created on a hot swap's lowered load thread, they would serve the version at +10
+    return at_base_priority(ort.InferenceSession, model, options, providers=["CPUExecutionProvider"])
 
 
 def quantize_onnx(source: Path, target: Path, layers: int | None) -> int:

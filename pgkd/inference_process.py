@@ -41,7 +41,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,7 +48,7 @@ import numpy as np
 
 from pgkd import errors
 from pgkd.errors import InferenceProcessError, ModelError
-from pgkd.priority import lower_thread_priority, thread_nice_increment
+from pgkd.priority import at_base_priority, lower_thread_priority, thread_nice_increment
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -70,14 +69,6 @@ on_restart: list[Callable[[str], None]] = []
 PREPARE_NICE = 10
 # What a spare imports before it is asked to load (the ONNX Runtime serving path; torch loads on demand).
 PREPARED_MODULES = ("numpy", "onnxruntime", "tokenizers", "pgkd.serving", "pgkd.graph_student", "pgkd.inference_onnx")
-# Processes are started from this thread, which keeps the worker's nice value:
-# a child inherits its parent thread's, and the hot swap's load thread runs
-# lowered (streams.hotswap.LOAD_NICE) -- a version loaded there would then serve lowered.
-# A thread inherits its creator's nice too, so the starter is created here, by the
-# thread that imports this module (streams.classify imports it at start-up), not
-# by whichever thread first starts a process.
-_STARTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-inference-start")
-_STARTER.submit(lambda: None).result()
 _spare: list[tuple[Connection, multiprocessing.Process]] = []  # at most one, ready to load
 _spare_lock = threading.Lock()
 
@@ -88,7 +79,7 @@ def _spawn() -> tuple[Connection, multiprocessing.Process]:
     ctx = multiprocessing.get_context("spawn")  # no fork: the worker has threads and an event loop
     conn, child_conn = ctx.Pipe()
     proc = ctx.Process(target=_child_main, args=(child_conn,), name="pgkd-inference", daemon=True)
-    _STARTER.submit(proc.start).result()
+    at_base_priority(proc.start)  # a child inherits its parent thread's nice: it must not serve lowered
     child_conn.close()
     return conn, proc
 

@@ -1,5 +1,6 @@
 """The hot swap's load thread yields the CPU to inference: it runs at a higher
-nice value than the worker's other threads (docs/BENCHMARKS.md, hot swap)."""
+nice value than the worker's other threads (docs/BENCHMARKS.md, hot swap); the
+threads a load starts for serving do not stay lowered."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 
+from pgkd.priority import at_base_priority, thread_nice_increment
 from pgkd.serving import ServingModel
 from pgkd.settings import Settings
 from streams.hotswap import LOAD_NICE, ModelWatcher, lower_thread_priority
@@ -68,3 +70,66 @@ def test_lower_thread_priority_changes_only_the_calling_thread():
     thread.join()
     assert seen == {"ok": True, "delta": min(3, 19 - base)}
     assert nice_of_this_thread() == base
+
+
+def on_lowered_thread(fn, increment=5):
+    """``fn()``'s result, called on a new thread lowered by ``increment`` (as a hot swap's load thread is)."""
+    out = {}
+
+    def run():
+        assert lower_thread_priority(increment)
+        try:
+            out["result"] = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised by the test
+            out["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def test_at_base_priority_runs_a_lowered_threads_call_at_the_process_priority_and_keeps_its_errors():
+    assert on_lowered_thread(thread_nice_increment) == 5
+    assert on_lowered_thread(lambda: at_base_priority(thread_nice_increment)) == 0
+    caller = threading.get_native_id()
+    assert at_base_priority(threading.get_native_id) == caller  # not lowered: runs where it is called
+
+    def fails():
+        raise ValueError("kept")
+
+    with pytest.raises(ValueError, match="kept"):
+        on_lowered_thread(lambda: at_base_priority(fails))
+
+
+def tiny_graph() -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_onnx_session_made_on_a_lowered_thread_serves_on_threads_at_the_process_priority(threads):
+    """A hot-swapped version's ONNX Runtime session is created on the lowered load
+    thread; its intra-op threads (PGKD_TORCH_THREADS > 1) must not inherit +5 for good."""
+    pytest.importorskip("onnxruntime")
+    from pgkd.inference_onnx import session
+
+    graph = tiny_graph()
+    session(graph, threads)  # the runtime's own first-use threads are not what this test is about
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    before = set(os.listdir("/proc/self/task"))
+    served = on_lowered_thread(lambda: session(graph, threads))
+    started = set(os.listdir("/proc/self/task")) - before
+    assert len(started) == threads - 1  # the intra-op pool: none at one thread
+    assert [os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in started] == [base] * len(started)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_array_equal(served.run(None, {"x": x})[0], x)
