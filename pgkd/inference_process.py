@@ -133,6 +133,7 @@ class ChildStudent:
         self._lock = threading.Lock()
         self._deaths = 0  # in a row, without an answer between them
         self._dead = False  # died during a call (it may not be reaped yet: is_alive() can still say True)
+        self._killed_for: str | None = None  # why kill() was called on the current process
         self.restarts = 0
         self._start()
 
@@ -158,7 +159,7 @@ class ChildStudent:
             raise _error_from(answer)
         for name, attr in json.loads(answer[1:]).items():
             setattr(self, name, attr)
-        self._dead = False
+        self._dead, self._killed_for = False, None
         self.path = Path(self.path)
         log.info("inference process %d serves %s", proc.pid, self.version)
         _keep_a_spare()
@@ -179,8 +180,9 @@ class ChildStudent:
                 self._proc.join(5)
                 self._dead = True
                 self._deaths += 1
+                how = f"was killed ({self._killed_for})" if self._killed_for else "died"
                 raise InferenceProcessError(
-                    f"the inference process {self._proc.pid} of {self.version} died during a batch of "
+                    f"the inference process {self._proc.pid} of {self.version} {how} during a batch of "
                     f"{len(texts)} texts (exit code {self._proc.exitcode}); the next call restarts it") from None
         if answer[:1] != b"P":
             raise _error_from(answer)
@@ -204,6 +206,14 @@ class ChildStudent:
             hook(self.version)
         log.warning("restarted the inference process of %s in %.1fs (pid %d)", self.version,
                     time.perf_counter() - started, self._proc.pid)
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the process, from any thread (the watchdog's, for a call that does
+        not return: streams.watchdog): a call waiting for it fails with
+        InferenceProcessError naming ``reason``, and the next call restarts it."""
+        self._killed_for = reason
+        log.warning("killing the inference process %s of %s: %s", self._proc.pid, self.version, reason)
+        self._proc.kill()
 
     def close(self) -> None:
         """Stop the process (idempotent)."""

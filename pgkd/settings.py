@@ -103,6 +103,13 @@ class Settings(BaseSettings):
         "rate within noise, a new version's longest hot-swap gap ~2x longer, and more memory (MiniLM int8: ~190 MB per version in memory "
         "and ~80 MB for the spare process, against ~140 MB in the worker; docs/BENCHMARKS.md)"
     )
+    inference_timeout_s: float = Field(
+        120.0, ge=0, description="longest one inference call (a batch, or one text of its retry) may run before the "
+        "model counts as hung: an inference process (PGKD_INFERENCE_PROCESS) is then killed and the batch retried "
+        "text by text (a text that hangs the model is dead-lettered); a model in the worker's own threads cannot be "
+        "stopped, so the worker exits without acknowledging the batch and a restart redelivers it "
+        "(docs/RELIABILITY.md). 0 = no limit. A batch of 128 texts takes ~0.2 s with MiniLM int8 on a 2-core CPU"
+    )
     inference_batch_size: int = Field(
         16, ge=1, description="most texts per forward pass: a batch is sorted by token count and cut into passes "
         "of at most this many, each padded to its own longest text, where the padding saved pays for another pass "

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -30,10 +30,11 @@ from pgkd.serving import ServingModel, load_serving_model, serve_path
 from pgkd.settings import Settings, load_settings
 from streams import metrics
 from streams.app import Topics, build_app, declare_topics
-from streams.delivery import Incoming, queue, run_batches, start_or_exit
+from streams.delivery import EXIT_INFERENCE_HUNG, Incoming, exit_now, queue, run_batches, start_or_exit
 from streams.drift_metrics import DriftWatch
 from streams.hotswap import ModelWatcher
 from streams.schemas import DeadLetter, LabelOut, TeacherRequest
+from streams.watchdog import Call, InferenceWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Classifier:
     assignment that takes effect between batches.
     """
 
-    def __init__(self, settings: Settings, topics: Topics):
+    def __init__(self, settings: Settings, topics: Topics, exit: Callable[[int], object] = exit_now):
         self.settings = settings
         self.topics = topics
         self.routing = Routing.from_settings(settings)
@@ -58,6 +59,8 @@ class Classifier:
         self._executor = ThreadPoolExecutor(max_workers=settings.inference_lanes, thread_name_prefix="pgkd-inference")
         self.drift = DriftWatch.from_settings(settings)  # None when PGKD_DRIFT_ENABLED=false
         self._queued: asyncio.Future | None = None  # resolved once the latest batch queued its records
+        self.watchdog = InferenceWatchdog(settings.inference_timeout_s, self.hung)  # run by the watch_inference task
+        self._exit = exit  # tests pass a fake
 
     async def start(self) -> None:
         """Load, verify and warm up the model; once, before the worker joins its group."""
@@ -87,14 +90,16 @@ class Classifier:
         predict = model.student.predict_proba
         size = self.settings.inference_batch_size
         try:
-            probs = await loop.run_in_executor(self._executor, _timed, predict, texts, size)
+            probs = await loop.run_in_executor(self._executor, self.watchdog.call, model, len(texts), _timed,
+                                               predict, texts, size)
             return list(probs)
         except Exception as err:  # noqa: BLE001 - any model failure: retry one by one, then DLQ
             log.warning("batch inference failed (%s: %s); retrying text by text", type(err).__name__, err)
         out: list[np.ndarray | Exception] = []
         for text in texts:
             try:
-                out.append((await loop.run_in_executor(self._executor, predict, [text], 1))[0])
+                out.append((await loop.run_in_executor(self._executor, self.watchdog.call, model, 1, predict,
+                                                       [text], 1))[0])
             except Exception as err:  # noqa: BLE001
                 out.append(err)
         if len(texts) > 1 and all(isinstance(o, Exception) for o in out):
@@ -103,6 +108,27 @@ class Classifier:
             # instead of dead-lettering the whole stream.
             raise RuntimeError(f"inference fails on every text of the batch: {out[0]!r}")
         return out
+
+    def hung(self, call: Call) -> None:
+        """The watchdog's report of an inference call past PGKD_INFERENCE_TIMEOUT_S
+        (on the event loop). A version served by a child process has it killed: the
+        call fails and its batch is retried text by text. One in this process cannot
+        be stopped: the worker exits without acknowledging the batch (a restart
+        redelivers it; streams.watchdog)."""
+        model: ServingModel = call.what
+        metrics.INFERENCE_HUNG.labels(model.version).inc()
+        limit = self.settings.inference_timeout_s
+        what = (f"inference of {call.texts} text{'s' if call.texts != 1 else ''} by {model.version} has run "
+                f"{call.running_s():.0f} s on {call.thread} (PGKD_INFERENCE_TIMEOUT_S={limit:g})")
+        kill = getattr(model.student, "kill", None)
+        if kill is not None:
+            log.error("%s: killing its inference process", what)
+            kill(f"no answer in {limit:g} s")
+            return
+        log.critical("%s: the model is hung and cannot be stopped inside the worker; exiting without acknowledging "
+                     "the batch, which a restart redelivers (with PGKD_INFERENCE_PROCESS=true a text that hangs the "
+                     "model is dead-lettered instead)", what)
+        self._exit(EXIT_INFERENCE_HUNG)
 
     def _dead_letter(self, msg: Incoming, stage: str, reason: str, error: str, ident: str | None) -> DeadLetter:
         metrics.DLQ.labels(reason, stage).inc()
@@ -264,6 +290,12 @@ async def follow_model_updates() -> None:
     """model.updates (no consumer group) and the registry pointer -> hot swap between batches."""
     served = lambda: classifier.model.version if classifier.model is not None else None  # noqa: E731
     await ModelWatcher(settings, served, classifier.swap).run_forever()
+
+
+@app.task
+async def watch_inference() -> None:
+    """Inference calls past PGKD_INFERENCE_TIMEOUT_S -> Classifier.hung."""
+    await classifier.watchdog.run()
 
 
 @app.task

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 EXIT_BATCH_FAILED = 70  # EX_SOFTWARE
 EXIT_START_FAILED = 78  # EX_CONFIG
+EXIT_INFERENCE_HUNG = 75  # EX_TEMPFAIL: a restart retries the batch (streams.watchdog)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def incoming(event) -> Incoming:
     return Incoming(message.topic, message.partition, message.offset, message.timestamp or 0.0, event.value)
 
 
-def _exit_now(code: int) -> None:
+def exit_now(code: int) -> None:
     # os._exit: leave now, from inside the event loop, whatever Faust does with agent exceptions
     logging.shutdown()
     os._exit(code)
@@ -91,7 +92,7 @@ async def start_or_exit(start: Callable[[], Awaitable[None]], what: str) -> None
         await start()
     except Exception:
         log.critical("%s worker cannot start; exiting", what, exc_info=True)
-        _exit_now(EXIT_START_FAILED)
+        exit_now(EXIT_START_FAILED)
 
 
 async def read_ahead(takes: AsyncIterator[Sequence], size: int) -> AsyncIterator[list]:
@@ -151,7 +152,7 @@ async def run_batches(
 
     ``handle`` returns None when the batch is complete, or an awaitable of the
     broker's acknowledgements (pipelined: see the module docstring)."""
-    leave = exit or _exit_now
+    leave = exit or exit_now
     previous: asyncio.Task | None = None  # the batch before, still completing
 
     async def complete(events, stored: Awaitable | None, before: asyncio.Task | None) -> bool:

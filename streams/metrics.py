@@ -27,6 +27,10 @@ INFERENCE_PROCESS_RESTARTS = Counter(
     "pgkd_inference_process_restarts", "Inference processes restarted after they died (PGKD_INFERENCE_PROCESS)",
     ["model_version"],
 )
+INFERENCE_HUNG = Counter(
+    "pgkd_inference_hung", "Inference calls that ran past PGKD_INFERENCE_TIMEOUT_S (streams.watchdog)",
+    ["model_version"],
+)
 TEXTS_TOTAL = Counter("pgkd_texts_total", "Texts received on texts.in (valid or not)")
 TEXTS_CLASSIFIED = Counter(
     "pgkd_texts_classified", "Student answers published to labels.out", ["label", "model_version"]

@@ -234,3 +234,90 @@ def test_a_zero_switch_interval_leaves_pythons_own(switch_interval):
     assert sys.getswitchinterval() == pytest.approx(0.004)
     share_the_gil(Settings(gil_switch_interval_s=0.001))
     assert sys.getswitchinterval() == pytest.approx(0.001)
+
+
+# --- a hung model: PGKD_INFERENCE_TIMEOUT_S (streams.watchdog) ---
+
+
+class HangingStudent:
+    """Never returns from a call with a text containing "hang" until killed; with
+    ``killable`` it has a ChildStudent's kill(), which fails the waiting call."""
+
+    labels = ["a", "b"]
+
+    def __init__(self, killable: bool):
+        import threading
+
+        self.released = threading.Event()
+        self.killed: list[str] = []
+        self.hangs = True
+        if killable:
+            self.kill = self._kill
+
+    def _kill(self, reason):
+        self.killed.append(reason)
+        self.released.set()
+
+    def predict_proba(self, texts, batch_size=64):
+        if self.hangs and any("hang" in t for t in texts):
+            self.released.wait(10)
+            self.released.clear()
+            raise RuntimeError(f"the inference process was killed ({self.killed[-1] if self.killed else '-'})")
+        return np.full((len(texts), 2), 0.5, dtype=np.float32)
+
+
+def _hung_count(version):
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("pgkd_inference_hung_total", {"model_version": version}) or 0.0
+
+
+def _with_timeout(module, timeout_s, **kwargs):
+    settings = module.settings.model_copy(update={"inference_timeout_s": timeout_s})
+    return module.Classifier(settings, module.topics, **kwargs)
+
+
+def test_a_text_that_hangs_an_inference_process_is_killed_out_and_the_others_answered(classifier):
+    module = importlib.import_module("streams.classify")
+    worker = _with_timeout(module, 0.3)
+    student = HangingStudent(killable=True)
+    model = ServingModel(student, "v-hang", None)
+    before = _hung_count("v-hang")
+
+    async def run():
+        watch = asyncio.ensure_future(worker.watchdog.run())
+        try:
+            return await asyncio.wait_for(worker._predict(model, ["fine", "hang here", "also fine"]), 10)
+        finally:
+            watch.cancel()
+
+    out = asyncio.run(run())
+    assert isinstance(out[1], RuntimeError) and "no answer in 0.3 s" in str(out[1])  # -> the DLQ, with the reason
+    assert [o.tolist() for i, o in enumerate(out) if i != 1] == [[0.5, 0.5], [0.5, 0.5]]
+    assert student.killed == ["no answer in 0.3 s"] * 2  # the batch's call, then the text's own
+    assert _hung_count("v-hang") - before == 2
+
+
+def test_a_hung_model_in_the_workers_own_threads_makes_it_exit_without_acking(classifier):
+    module = importlib.import_module("streams.classify")
+    from streams.delivery import EXIT_INFERENCE_HUNG
+
+    student = HangingStudent(killable=False)
+    exits = []
+
+    def exit_(code):  # the real one is os._exit: nothing after it runs, the batch is never acknowledged
+        exits.append(code)
+        student.hangs = False  # (this one returns: the retry of the text must not hang again)
+        student.released.set()  # lets the test's thread go
+
+    worker = _with_timeout(module, 0.3, exit=exit_)
+
+    async def run():
+        watch = asyncio.ensure_future(worker.watchdog.run())
+        try:
+            return await asyncio.wait_for(worker._predict(ServingModel(student, "v-stuck", None), ["hang"]), 10)
+        finally:
+            watch.cancel()
+
+    asyncio.run(run())
+    assert exits == [EXIT_INFERENCE_HUNG]

@@ -88,10 +88,10 @@ def test_a_child_killed_between_batches_is_restarted_with_the_same_version(serve
     assert served.student.pid != old and served.student.restarts == 1 and restarted == ["v0007"]
 
 
-def _kill_during_a_call(student: ChildStudent) -> InferenceProcessError:
+def _kill_during_a_call(student: ChildStudent, kill=None) -> InferenceProcessError:
     """Kill the child while it works on a batch that takes seconds; the call's error."""
     pid = student.pid
-    timer = threading.Timer(0.3, os.kill, (pid, signal.SIGKILL))
+    timer = threading.Timer(0.3, kill or (lambda: os.kill(pid, signal.SIGKILL)))
     timer.start()
     try:
         with pytest.raises(InferenceProcessError) as err:
@@ -106,6 +106,16 @@ def test_a_child_that_dies_during_a_batch_fails_that_call_and_the_next_call_rest
     assert "died during a batch of 200000 texts (exit code -9); the next call restarts it" in str(err)
     assert served.student.predict_proba(["hello"]).shape == (1, 3)
     assert served.student.restarts == 1
+
+
+def test_the_watchdogs_kill_fails_the_call_with_its_reason_and_the_next_call_restarts_it(served):
+    old = served.student.pid
+    err = _kill_during_a_call(served.student, lambda: served.student.kill("no answer in 0.3 s"))
+    assert f"process {old} of v0007 was killed (no answer in 0.3 s) during a batch of 200000 texts" in str(err)
+    assert served.student.predict_proba(["hello"]).shape == (1, 3)
+    assert served.student.pid != old and served.student.restarts == 1
+    err = _kill_during_a_call(served.student)  # a death after a restart is not blamed on the old kill
+    assert "died during a batch" in str(err)
 
 
 def test_a_child_that_keeps_dying_is_not_restarted_for_every_call(served, monkeypatch):
