@@ -12,6 +12,7 @@ without a graph, pass ``**TORCH_SERVING``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -19,9 +20,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,6 +333,20 @@ async def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | N
 
 def produce_sync(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]]) -> None:
     asyncio.run(produce(bootstrap, topic, list(messages)))
+
+
+@contextlib.contextmanager
+def producing(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]],
+              rate_per_s: float) -> Iterator[None]:
+    """Produce ``messages`` at ``rate_per_s`` from a thread while the block runs (faults, promotions
+    under traffic); at its end, wait until the last one is sent."""
+    messages = list(messages)
+    thread = threading.Thread(target=lambda: asyncio.run(produce(bootstrap, topic, messages, rate_per_s=rate_per_s)))
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
 
 
 @dataclass

@@ -11,12 +11,11 @@ import asyncio
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from streaming_support import REPO_ROOT, TORCH_SERVING, collect_sync, metric_sum, produce, text_message
+from streaming_support import REPO_ROOT, TORCH_SERVING, collect_sync, metric_sum, produce, producing, text_message
 
 from pgkd.registry import Registry
 from pgkd.settings import Settings
@@ -88,10 +87,7 @@ def test_two_promotions_and_a_rollback_under_load(registry_env, tiny_student):
     n = 1500
     ids = [f"h{i}" for i in range(n)]
     messages = [text_message(i, f"my transfer number {i} has not arrived yet") for i in ids]
-    producer = threading.Thread(target=lambda: asyncio.run(produce(env.bootstrap, t["texts_in"], messages,
-                                                                   rate_per_s=60)))
-    producer.start()
-    try:
+    with producing(env.bootstrap, t["texts_in"], messages, rate_per_s=60):
         time.sleep(4)
         pgkd_cli(env, "models", "promote", v2, "--reason", "test: first promotion")
         time.sleep(4)
@@ -99,8 +95,6 @@ def test_two_promotions_and_a_rollback_under_load(registry_env, tiny_student):
         time.sleep(4)
         out = pgkd_cli(env, "models", "rollback", "--reason", "test: rollback")
         assert f"rolled back to {v2}" in out.stdout
-    finally:
-        producer.join()
     # once the swap window after the rollback has passed, only v2 may answer
     time.sleep(max(0.0, registry.history()[-1]["ts"] + SWAP_WINDOW_S - time.time()))
     tail = [f"z{i}" for i in range(100)]

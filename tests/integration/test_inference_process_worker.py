@@ -1,6 +1,8 @@
 """PGKD_INFERENCE_PROCESS=true on the real broker and Redis: a classify worker
 serves each version from a child process; the child killed under traffic is
-restarted and nothing is lost or answered twice; a promotion loads the new
+restarted and nothing is lost or answered twice; a child that stops answering
+(SIGSTOP) is killed by the watchdog after PGKD_INFERENCE_TIMEOUT_S and its batch
+retried, again with nothing lost; a promotion loads the new
 version in a new child, the rollback finds the old one still running; stopping
 the worker stops its children (the serving ones and the spare)."""
 
@@ -10,12 +12,11 @@ import asyncio
 import os
 import re
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from streaming_support import collect_sync, metric_sum, produce, text_message
+from streaming_support import collect_sync, metric_sum, produce, producing, text_message
 
 from pgkd.registry import Registry
 from pgkd.settings import Settings
@@ -70,7 +71,7 @@ def test_a_worker_serving_from_child_processes_survives_their_death_and_swaps_ve
     from pgkd.student import Student
 
     env = stream(tiny_student, model_store=tmp_path / "models", model_poll_s=0, inference_process=True,
-                 batch_size=16)
+                 batch_size=16, inference_timeout_s=3)
     t = env.topics
     registry = Registry(tmp_path / "models", redis_db_url, namespace=env.env["PGKD_APP_ID_PREFIX"])
     student = Student.load(tiny_student, device="cpu")
@@ -86,17 +87,12 @@ def test_a_worker_serving_from_child_processes_survives_their_death_and_swaps_ve
     n = 600
     ids = [f"p{i}" for i in range(n)]
     messages = [text_message(i, f"my transfer number {i} has not arrived yet") for i in ids]
-    producer = threading.Thread(target=lambda: asyncio.run(produce(env.bootstrap, t["texts_in"], messages,
-                                                                   rate_per_s=100)))
-    producer.start()
-    try:
+    with producing(env.bootstrap, t["texts_in"], messages, rate_per_s=100):
         time.sleep(2)
         os.kill(first, signal.SIGKILL)  # as the OOM killer would, mid-stream
         wait_for(lambda: "restarted the inference process" in worker.tail(10**7), 60, "a restart", worker)
         restarted = serving_pid(worker, v1)
         assert restarted != first and restarted in children(worker.proc.pid)
-    finally:
-        producer.join()
     got = collect_sync(env.bootstrap, [t["labels_out"], t["dlq"]],
                        lambda g: {r["id"] for r in g.of(t["labels_out"])} >= set(ids),
                        timeout_s=120, workers=[worker], linger_s=2)
@@ -107,6 +103,27 @@ def test_a_worker_serving_from_child_processes_survives_their_death_and_swaps_ve
     took = re.search(rf"restarted the inference process of {v1} in ([0-9.]+)s", worker.tail(10**7))[1]
     print(f"RELIABILITY inference-process-kill: {n} ids, 0 lost, 0 duplicate answers, 0 dead letters; "
           f"restarted with {v1} in {took} s; the worker kept running")
+
+    # a child that stops answering (a hang): the watchdog kills it after PGKD_INFERENCE_TIMEOUT_S
+    hung_ids = [f"h{i}" for i in range(300)]
+    messages = [text_message(i, f"why was my card {i} declined") for i in hung_ids]
+    with producing(env.bootstrap, t["texts_in"], messages, rate_per_s=100):
+        time.sleep(1)
+        os.kill(restarted, signal.SIGSTOP)
+        stopped = time.monotonic()
+        wait_for(lambda: "killing its inference process" in worker.tail(10**7), 30, "the watchdog's kill", worker)
+        killed_after = time.monotonic() - stopped
+    got = collect_sync(env.bootstrap, [t["labels_out"], t["dlq"]],
+                       lambda g: {r["id"] for r in g.of(t["labels_out"])} >= set(hung_ids),
+                       timeout_s=120, workers=[worker], linger_s=2)
+    assert sorted(r["id"] for r in got.of(t["labels_out"]) if r["id"] in set(hung_ids)) == sorted(hung_ids)
+    assert got.of(t["dlq"]) == []  # the batch the stopped process held was retried text by text
+    assert 3 <= killed_after < 10
+    assert metric_sum(worker.metrics(), "pgkd_inference_hung_total", model_version=v1) == 1
+    assert metric_sum(worker.metrics(), "pgkd_inference_process_restarts_total", model_version=v1) == 2
+    restarted = serving_pid(worker, v1)
+    print(f"RELIABILITY inference-process-hang: {len(hung_ids)} ids, 0 lost, 0 duplicate answers, 0 dead letters; "
+          f"the stopped process killed {killed_after:.1f} s after SIGSTOP (PGKD_INFERENCE_TIMEOUT_S=3)")
 
     # a promotion: v2 loads in a new child; v1's child stays for the rollback, which loads nothing
     settings = Settings(**{k.removeprefix("PGKD_").lower(): v for k, v in env.env.items()})
