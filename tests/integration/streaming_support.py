@@ -127,13 +127,18 @@ class StreamEnv:
         with ThreadPoolExecutor(1) as pool:
             return pool.submit(asyncio.run, ensure_topics(self.settings())).result()
 
-    def start(self, role: str, *, via_faust: bool = False, **overrides: object) -> Worker:
+    def start(self, role: str, *, via_faust: bool = False, app_module: str | None = None,
+              **overrides: object) -> Worker:
+        """``pgkd worker <role>``; with ``via_faust``, ``faust -A <its module> worker``; with
+        ``app_module``, ``faust -A <app_module> worker`` (a test app of this directory)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGKD_")}
         env |= self.env | {f"PGKD_{k.upper()}": str(v) for k, v in overrides.items()}
         env["PGKD_METRICS_PORT"] = "0"  # the worker binds a free port and logs it (Worker.metrics_port)
         env["OMP_NUM_THREADS"] = "1"
-        if via_faust:
-            module = {"classify": "streams.classify", "teacher": "streams.teacher_agent"}[role]
+        if app_module:
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+        if via_faust or app_module:
+            module = app_module or {"classify": "streams.classify", "teacher": "streams.teacher_agent"}[role]
             cmd = [sys.executable, "-m", "faust", "-A", module, "worker", "-l", "info"]
         else:
             cmd = [sys.executable, "-m", "pgkd.cli", "worker", role]
