@@ -226,6 +226,12 @@ class Settings(BaseSettings):
         30.0, ge=0, description="classify workers also compare their version with the registry's current one this "
         "often, in case an announcement on model.updates was missed (0 = announcements only)"
     )
+    model_load_timeout_s: float = Field(
+        600.0, ge=0, description="a classify worker gives up a hot swap's load (checksums, session, warm-up: 0.2-2 s "
+        "for MiniLM; ~30 s when a graph must be built) after this long: refused (pgkd_model_load_failures_total"
+        "{reason=\"timeout\"}), the old version keeps serving, and later loads run on a fresh thread (the stuck one, "
+        "which cannot be stopped, is abandoned). 0 = no limit"
+    )
     keep_previous_model: bool = Field(
         True, description="classify workers keep the version a hot swap replaced in memory (one more model's RAM: "
         "~100 MB for int8 MiniLM-L6), so that swapping back to it, a rollback, needs no load"

@@ -15,10 +15,12 @@ CPU priority (:data:`LOAD_NICE`): on cores it shares with inference, the load
 takes longer instead of slowing the batches in flight (docs/BENCHMARKS.md,
 hot swap).
 
-A version whose files do not match their checksums (or that cannot be loaded)
-is refused: logged, counted in ``pgkd_model_load_failures_total{reason}``, and
-the old version keeps serving. A refused version is not retried by the poll,
-only when it is announced again.
+A version whose files do not match their checksums (or that cannot be loaded,
+or whose load does not finish within ``PGKD_MODEL_LOAD_TIMEOUT_S``) is refused:
+logged, counted in ``pgkd_model_load_failures_total{reason}``, and the old
+version keeps serving. A refused version is not retried by the poll, only when
+it is announced again. A load that timed out cannot be stopped: its thread is
+abandoned and the next load runs on a new one.
 
 A record that is not an announcement (not JSON, not an object, no v0001-style
 ``version``) is skipped: logged, counted in
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOAD_FAILURE_REASONS = ("checksum", "not_found", "load_error")
+LOAD_FAILURE_REASONS = ("checksum", "not_found", "load_error", "timeout")
 SKIP_REASONS = ("not_json", "not_object", "bad_version")  # pgkd_model_updates_skipped_total{reason}
 RESTART_DELAY_S = 5.0
 # Added to the load thread's nice value. Loading, checksumming, quantizing and
@@ -97,12 +99,24 @@ def failure_reason(err: Exception) -> str:
     'checksum'
     >>> failure_reason(RegistryError("no version v0009 in the model store models"))
     'not_found'
+    >>> failure_reason(TimeoutError("its load did not finish in 600 s"))
+    'timeout'
     """
     if isinstance(err, ModelIntegrityError):
         return "checksum"
+    if isinstance(err, TimeoutError):
+        return "timeout"
     if isinstance(err, RegistryError):
         return "not_found"
     return "load_error"
+
+
+def _load_executor() -> ThreadPoolExecutor:
+    """The thread a watcher loads on (and reads the registry pointer from): its own, so a
+    load never waits behind inference nor inference behind a load; at a lower priority,
+    so that a load uses what CPU inference leaves."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-model-load",
+                              initializer=lower_thread_priority, initargs=(LOAD_NICE,))
 
 
 class ModelWatcher:
@@ -128,10 +142,7 @@ class ModelWatcher:
         self.swap = swap
         self.loader = loader
         self.refused: set[str] = set()
-        # its own thread: a load never waits behind inference, nor inference behind a load;
-        # at a lower priority, so that a load uses what CPU inference leaves
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgkd-model-load",
-                                            initializer=lower_thread_priority, initargs=(LOAD_NICE,))
+        self._executor = _load_executor()
         self._registry = Registry.from_settings(settings)
         # the version the last swap replaced (PGKD_KEEP_PREVIOUS_MODEL): a rollback to it is one assignment
         self._standby: ServingModel | None = None
@@ -217,8 +228,8 @@ class ModelWatcher:
             del standby  # not the target: let it go before loading another
             log.info("loading %s (%s; serving %s)", target, why, self.served())
             try:
-                model = await loop.run_in_executor(self._executor, self._load_and_warm, target)
-            except (ModelError, RegistryError, OSError, RuntimeError, ValueError) as err:
+                model = await self._bounded(loop.run_in_executor(self._executor, self._load_and_warm, target), target)
+            except (ModelError, RegistryError, OSError, RuntimeError, ValueError) as err:  # TimeoutError is an OSError
                 reason = failure_reason(err)
                 metrics.MODEL_LOAD_FAILURES.labels(reason).inc()
                 self.refused.add(target)
@@ -232,6 +243,22 @@ class ModelWatcher:
             self._standby = replaced
         log.info("swapped %s -> %s (%s in %.1fs)", previous, model.version, how, time.perf_counter() - started)
         return True
+
+    async def _bounded(self, load: asyncio.Future, version: str) -> ServingModel:
+        """``load``'s model, or TimeoutError after PGKD_MODEL_LOAD_TIMEOUT_S. A thread
+        cannot be stopped: the stuck one is abandoned (whatever it returns later is
+        dropped) and the watcher goes on with a new one."""
+        limit = self.settings.model_load_timeout_s
+        if not limit:
+            return await load
+        try:
+            return await asyncio.wait_for(asyncio.shield(load), limit)
+        except TimeoutError:
+            load.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nothing logged at exit
+            stuck, self._executor = self._executor, _load_executor()
+            stuck.shutdown(wait=False)
+            raise TimeoutError(f"its load did not finish in {limit:g} s (PGKD_MODEL_LOAD_TIMEOUT_S); "
+                               "that thread is abandoned") from None
 
     def _load_and_warm(self, version: str) -> ServingModel:
         model = self.loader(self.settings, version)

@@ -48,7 +48,7 @@ CONFIDENCE = Histogram("pgkd_confidence", "Max probability of student answers", 
 MODEL_INFO = Gauge("pgkd_model_info", "1 for the model version this worker serves", ["model_version"])
 MODEL_LOAD_FAILURES = Counter(
     "pgkd_model_load_failures", "Announced versions refused by a hot swap (the old one keeps serving)", ["reason"]
-)  # reason: checksum | not_found | load_error (streams.hotswap.LOAD_FAILURE_REASONS)
+)  # reason: checksum | not_found | load_error | timeout (streams.hotswap.LOAD_FAILURE_REASONS)
 MODEL_UPDATES_SKIPPED = Counter(
     "pgkd_model_updates_skipped", "model.updates records that are not an announcement (skipped)", ["reason"]
 )  # reason: not_json | not_object | bad_version (streams.hotswap.SKIP_REASONS)

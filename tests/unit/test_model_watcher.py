@@ -257,3 +257,31 @@ def test_without_keep_previous_model_a_rollback_loads_again():
         watcher._registry = FakeRegistry(version)
         assert asyncio.run(watcher.reconcile("announced")) is True
     assert loads == ["v0002", "v0001"] and watcher._standby is None
+
+
+def test_a_load_that_does_not_finish_is_refused_and_the_next_one_runs_on_a_new_thread():
+    import threading
+
+    release = threading.Event()
+    served: list[ServingModel] = [ServingModel(FakeStudent(), "v0001", None)]
+
+    def loader(settings, version):
+        if version == "v0005":
+            release.wait(10)  # a stalled read: the thread cannot be stopped
+        return ServingModel(FakeStudent(), version, None)
+
+    watcher = ModelWatcher(Settings(model_load_timeout_s=0.3), lambda: served[-1].version, served.append,
+                           loader=loader)
+    watcher._registry = FakeRegistry("v0005")
+    before = failures("timeout")
+    try:
+        assert asyncio.run(watcher.reconcile("announced")) is False
+        assert failures("timeout") == before + 1 and served[-1].version == "v0001"  # the old version serves on
+        assert "v0005" in watcher.refused
+        assert asyncio.run(watcher.reconcile("poll")) is False  # refused: not retried by the poll
+        watcher._registry.value = "v0006"
+        assert asyncio.run(watcher.reconcile("announced")) is True  # not queued behind the stuck thread
+        assert served[-1].version == "v0006"
+    finally:
+        release.set()
+        watcher.close()
