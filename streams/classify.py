@@ -30,7 +30,8 @@ from pgkd.serving import ServingModel, load_serving_model, serve_path
 from pgkd.settings import Settings, load_settings
 from streams import metrics
 from streams.app import Topics, build_app, declare_topics
-from streams.delivery import EXIT_INFERENCE_HUNG, Incoming, exit_now, queue, run_batches, start_or_exit
+from streams.delivery import (EXIT_INFERENCE_HUNG, Incoming, commit_then_exit, exit_now, queue, run_batches,
+                             start_or_exit)
 from streams.drift_metrics import DriftWatch
 from streams.hotswap import ModelWatcher
 from streams.schemas import DeadLetter, LabelOut, TeacherRequest
@@ -61,6 +62,7 @@ class Classifier:
         self._queued: asyncio.Future | None = None  # resolved once the latest batch queued its records
         self.watchdog = InferenceWatchdog(settings.inference_timeout_s, self.hung)  # run by the watch_inference task
         self._exit = exit  # tests pass a fake
+        self._exiting: asyncio.Future | None = None  # commit_then_exit, once a hung model was reported
 
     async def start(self) -> None:
         """Load, verify and warm up the model; once, before the worker joins its group."""
@@ -113,8 +115,8 @@ class Classifier:
         """The watchdog's report of an inference call past PGKD_INFERENCE_TIMEOUT_S
         (on the event loop). A version served by a child process has it killed: the
         call fails and its batch is retried text by text. One in this process cannot
-        be stopped: the worker exits without acknowledging the batch (a restart
-        redelivers it; streams.watchdog)."""
+        be stopped: the worker commits what it acked and exits without acknowledging
+        the batch (a restart redelivers it; streams.watchdog)."""
         model: ServingModel = call.what
         metrics.INFERENCE_HUNG.labels(model.version).inc()
         limit = self.settings.inference_timeout_s
@@ -128,7 +130,8 @@ class Classifier:
         log.critical("%s: the model is hung and cannot be stopped inside the worker; exiting without acknowledging "
                      "the batch, which a restart redelivers (with PGKD_INFERENCE_PROCESS=true a text that hangs the "
                      "model is dead-lettered instead)", what)
-        self._exit(EXIT_INFERENCE_HUNG)
+        self._exiting = asyncio.ensure_future(commit_then_exit(self.topics.texts_in.app.consumer,
+                                                               EXIT_INFERENCE_HUNG, self._exit))
 
     def _dead_letter(self, msg: Incoming, stage: str, reason: str, error: str, ident: str | None) -> DeadLetter:
         metrics.DLQ.labels(reason, stage).inc()

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 EXIT_BATCH_FAILED = 70  # EX_SOFTWARE
 EXIT_START_FAILED = 78  # EX_CONFIG
 EXIT_INFERENCE_HUNG = 75  # EX_TEMPFAIL: a restart retries the batch (streams.watchdog)
+COMMIT_BEFORE_EXIT_S = 10.0  # commit_then_exit: the longest wait for the commit
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,20 @@ def exit_now(code: int) -> None:
     # os._exit: leave now, from inside the event loop, whatever Faust does with agent exceptions
     logging.shutdown()
     os._exit(code)
+
+
+async def commit_then_exit(consumer, code: int, exit: Callable[[int], object] = exit_now,
+                           timeout_s: float = COMMIT_BEFORE_EXIT_S) -> None:
+    """Commit the offsets acked so far (``consumer.commit_acked()``, at most
+    ``timeout_s``), then exit with ``code``. For a worker that must stop while its
+    event loop still runs (a hung model: streams.watchdog): a restart then
+    redelivers only what was not answered, instead of everything since the last
+    periodic commit. A commit that fails or takes too long is logged; the exit follows."""
+    try:
+        await asyncio.wait_for(consumer.commit_acked(), timeout_s)
+    except Exception as err:  # noqa: BLE001 - exiting anyway: a restart redelivers a little more
+        log.warning("could not commit the acked offsets before exiting (%s: %s)", type(err).__name__, err)
+    exit(code)
 
 
 async def send(topic, key: str, value: bytes):

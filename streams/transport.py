@@ -164,14 +164,16 @@ class _Consumer(faust_aiokafka.Consumer):
 
     async def on_partitions_revoked(self, revoked: set) -> None:
         # before Faust drops the acked offsets of the revoked partitions (fix 2)
-        await self._commit_every_ack()
+        await self.commit_acked()
         await super().on_partitions_revoked(revoked)
 
     async def commit_and_end_transactions(self) -> None:
         # Faust's last commit at a revoke and at a stop, after the streams are empty
-        await self._commit_every_ack()
+        await self.commit_acked()
 
-    async def _commit_every_ack(self) -> None:
+    async def commit_acked(self) -> None:
+        """Commit every offset acked so far (also before a worker exits on a hung model:
+        streams.delivery.commit_then_exit)."""
         # commit() returns without committing when another commit is running (the
         # periodic one): that one covers only the acks from before it started
         await self.maybe_wait_for_commit_to_finish()

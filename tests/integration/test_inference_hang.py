@@ -42,6 +42,8 @@ def test_a_worker_whose_model_hangs_exits_unacked_and_its_restart_answers_everyt
     answers = got.of(t["labels_out"])
     assert {r["id"] for r in answers} == set(ids)  # the hung batch was redelivered, not skipped
     assert got.of(t["dlq"]) == []
+    # what it answered before the hang was committed before it exited: not answered again (48 were, before)
+    assert len(answers) - len(ids) < 16
     print(f"RELIABILITY inference-hang-in-worker: {len(ids)} ids, 0 lost, {len(answers) - len(ids)} answered "
-          f"twice (at least once); the hung worker exited {EXIT_INFERENCE_HUNG} {exited_after:.1f} s after the "
-          "texts were sent (PGKD_INFERENCE_TIMEOUT_S=3); its restart answered the rest")
+          f"twice; the hung worker committed what it had acked and exited {EXIT_INFERENCE_HUNG} {exited_after:.1f} s "
+          "after the texts were sent (PGKD_INFERENCE_TIMEOUT_S=3); its restart answered the rest")

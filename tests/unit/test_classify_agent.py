@@ -298,7 +298,7 @@ def test_a_text_that_hangs_an_inference_process_is_killed_out_and_the_others_ans
     assert _hung_count("v-hang") - before == 2
 
 
-def test_a_hung_model_in_the_workers_own_threads_makes_it_exit_without_acking(classifier):
+def test_a_hung_model_in_the_workers_own_threads_makes_it_exit_without_acking(classifier, monkeypatch):
     module = importlib.import_module("streams.classify")
     from streams.delivery import EXIT_INFERENCE_HUNG
 
@@ -311,6 +311,13 @@ def test_a_hung_model_in_the_workers_own_threads_makes_it_exit_without_acking(cl
         student.released.set()  # lets the test's thread go
 
     worker = _with_timeout(module, 0.3, exit=exit_)
+    committed = []
+
+    async def commit_then_exit(consumer, code, exit):  # tests/unit/test_delivery.py tests the real one
+        committed.append(consumer)
+        exit(code)
+
+    monkeypatch.setattr(module, "commit_then_exit", commit_then_exit)
 
     async def run():
         watch = asyncio.ensure_future(worker.watchdog.run())
@@ -321,3 +328,4 @@ def test_a_hung_model_in_the_workers_own_threads_makes_it_exit_without_acking(cl
 
     asyncio.run(run())
     assert exits == [EXIT_INFERENCE_HUNG]
+    assert committed == [module.topics.texts_in.app.consumer]  # what was acked is committed first

@@ -3,6 +3,7 @@
 
 import asyncio
 import contextlib
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -196,3 +197,26 @@ def test_read_ahead_closes_the_stream_when_the_caller_stops():
 
     _collect(takes(), size=2, n=1)
     assert closed == [True]
+
+
+class CommittingConsumer:
+    def __init__(self, fails=None, takes_s=0.0):
+        self.fails, self.takes_s, self.calls = fails, takes_s, []
+
+    async def commit_acked(self):
+        self.calls.append("commit")
+        await asyncio.sleep(self.takes_s)
+        if self.fails:
+            raise self.fails
+
+
+@pytest.mark.parametrize("consumer", [CommittingConsumer(), CommittingConsumer(fails=ConnectionError("broker away")),
+                                      CommittingConsumer(takes_s=5.0)], ids=["commits", "fails", "too slow"])
+def test_commit_then_exit_commits_what_was_acked_then_exits_whatever_the_commit_does(consumer):
+    from streams.delivery import commit_then_exit
+
+    done = []
+    started = time.monotonic()
+    asyncio.run(commit_then_exit(consumer, 75, lambda code: done.append((consumer.calls[:], code)), timeout_s=0.2))
+    assert done == [(["commit"], 75)]  # the commit was asked for before the exit, and the exit came
+    assert time.monotonic() - started < 2  # a slow commit does not hold the exit
