@@ -62,7 +62,7 @@ class Classifier:
         self._queued: asyncio.Future | None = None  # resolved once the latest batch queued its records
         self.watchdog = InferenceWatchdog(settings.inference_timeout_s, self.hung)  # run by the watch_inference task
         self._exit = exit  # tests pass a fake
-        self._exiting: asyncio.Future | None = None  # commit_then_exit, once a hung model was reported
+        self._exiting: asyncio.Future | None = None  # the commit_then_exit task of a hung model (held: not collected)
 
     async def start(self) -> None:
         """Load, verify and warm up the model; once, before the worker joins its group."""

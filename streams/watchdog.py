@@ -18,7 +18,6 @@ without acknowledging the batch and a restart redelivers it
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -49,14 +48,13 @@ class InferenceWatchdog:
     def __init__(self, timeout_s: float, on_hung: Callable[[Call], object]):
         self.timeout_s = timeout_s
         self.on_hung = on_hung
-        self._running: dict[int, Call] = {}
-        self._ids = itertools.count()
+        self._running: dict[int, Call] = {}  # by thread: an inference thread runs one call at a time
 
     def call(self, what: object, texts: int, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)``, timed (on the inference thread: a dict entry in and out)."""
         if not self.timeout_s:
             return fn(*args)
-        key = next(self._ids)
+        key = threading.get_ident()
         self._running[key] = Call(what, texts)
         try:
             return fn(*args)
